@@ -15,15 +15,15 @@ type Config struct {
 	// Path is the file this was loaded from ("" for embedded defaults).
 	Path string `yaml:"-"`
 
-	User       string `yaml:"user"`        // default "relay"
-	StateDir   string `yaml:"state_dir"`   // default /var/lib/relay
-	Listen     Listen `yaml:"listen"`      // defaults :8080, :8443, 127.0.0.1:9090
-	UnknownSNI string `yaml:"unknown_sni"` // original | reject | <route match>; default original
-	Steer      Steer  `yaml:"steer"`
-	Splice     string `yaml:"splice"` // auto | sockmap | splice; default auto
-	ACME       ACME   `yaml:"acme"`
-	Limits     Limits `yaml:"limits"`
-	Log        Log    `yaml:"log"`
+	User       string  `yaml:"user"`        // default "relay"
+	StateDir   string  `yaml:"state_dir"`   // default /var/lib/relay
+	Listen     Listen  `yaml:"listen"`      // defaults :8080, :8443, 127.0.0.1:9090
+	UnknownSNI string  `yaml:"unknown_sni"` // original | reject | <route match>; default original
+	Steer      Steer   `yaml:"steer"`
+	Splice     string  `yaml:"splice"` // auto | sockmap | splice; default auto
+	ACME       ACME    `yaml:"acme"`
+	Limits     Limits  `yaml:"limits"`
+	Log        Log     `yaml:"log"`
 	Routes     []Route `yaml:"routes"`
 }
 
