@@ -111,3 +111,24 @@ func init() {
 		return nil
 	})
 }
+
+// parseInterspersed parses flags that may come before or after positional
+// arguments (`rules apply -c F` and `rules -c F apply` both work) and
+// returns the positionals.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		if args[0] == "--" {
+			return append(pos, args[1:]...), nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+}
