@@ -25,6 +25,8 @@ type Config struct {
 	Limits     Limits  `yaml:"limits"`
 	Log        Log     `yaml:"log"`
 	Routes     []Route `yaml:"routes"`
+
+	lines map[string]int // dotted key path → line, for validation errors
 }
 
 // Listen holds the relay's own (unprivileged) listen addresses.

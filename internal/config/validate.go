@@ -1,0 +1,345 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Defaults documented on the fields of Config.
+const (
+	DefaultUser     = "relay"
+	DefaultStateDir = "/var/lib/relay"
+)
+
+// ApplyDefaults fills zero values with their defaults.
+func (c *Config) ApplyDefaults() {
+	def := func(s *string, v string) {
+		if *s == "" {
+			*s = v
+		}
+	}
+	def(&c.User, DefaultUser)
+	def(&c.StateDir, DefaultStateDir)
+	def(&c.Listen.HTTP, ":8080")
+	def(&c.Listen.HTTPS, ":8443")
+	def(&c.Listen.Metrics, "127.0.0.1:9090")
+	def(&c.UnknownSNI, "original")
+	def(&c.Splice, "auto")
+	def(&c.Steer.BPF, "auto")
+	def(&c.ACME.CA, "letsencrypt")
+	def(&c.ACME.KeyType, "ec256")
+	def(&c.Log.Level, "info")
+	def(&c.Log.Format, "text")
+	if len(c.Steer.HTTPSPorts) == 0 {
+		c.Steer.HTTPSPorts = []int{443}
+	}
+	if len(c.Steer.HTTPPorts) == 0 {
+		c.Steer.HTTPPorts = []int{80}
+	}
+	l := &c.Limits
+	defD := func(d *Duration, v time.Duration) {
+		if *d == 0 {
+			*d = Duration(v)
+		}
+	}
+	defI := func(i *int, v int) {
+		if *i == 0 {
+			*i = v
+		}
+	}
+	defD(&l.HelloTimeout, 10*time.Second)
+	defI(&l.MaxHelloBytes, 65536)
+	defD(&l.IdleTimeout, 5*time.Minute)
+	defI(&l.MaxConnections, 10000)
+	defI(&l.MaxHandshakes, 512)
+	defD(&l.DrainTimeout, 30*time.Second)
+	defD(&l.DialTimeout, 5*time.Second)
+	for i := range c.Routes {
+		if c.Routes[i].Terminate != nil && c.Routes[i].Terminate.TLS.Mode == "" {
+			c.Routes[i].Terminate.TLS.Mode = "acme"
+		}
+	}
+}
+
+// NormalizeName lowercases a server name and strips one trailing dot.
+func NormalizeName(s string) string {
+	return strings.ToLower(strings.TrimSuffix(s, "."))
+}
+
+// line returns the line of a dotted key path, or of its nearest parent.
+func (c *Config) line(path string) int {
+	for p := path; p != ""; {
+		if l, ok := c.lines[p]; ok {
+			return l
+		}
+		i := strings.LastIndexAny(p, ".[")
+		if i < 0 {
+			break
+		}
+		p = p[:i]
+	}
+	return 1
+}
+
+// Validate checks meaning: addresses, names, enums, cross-references. It
+// does not look at this machine (interfaces, users, files).
+func (c *Config) Validate() error {
+	var errs Errors
+	add := func(path, msg, fix string) {
+		errs = append(errs, &Error{File: c.Path, Line: c.line(path), Msg: msg, Fix: fix})
+	}
+	if c.Path == "" {
+		c.Path = "config"
+	}
+	oneOf := func(path, v string, allowed ...string) {
+		for _, a := range allowed {
+			if v == a {
+				return
+			}
+		}
+		add(path, fmt.Sprintf("%s: %q is not allowed", path, v), "write one of: "+strings.Join(allowed, ", "))
+	}
+
+	// listen
+	for _, l := range []struct {
+		key, v  string
+		offOK   bool
+		example string
+	}{
+		{"listen.https", c.Listen.HTTPS, false, ":8443"},
+		{"listen.http", c.Listen.HTTP, true, ":8080"},
+		{"listen.metrics", c.Listen.Metrics, true, "127.0.0.1:9090"},
+	} {
+		if l.offOK && l.v == "off" {
+			continue
+		}
+		port, err := listenPort(l.v)
+		if err != nil {
+			add(l.key, fmt.Sprintf("%s %q: %v", l.key, l.v, err), fmt.Sprintf("write host:port, e.g. %q", l.example))
+			continue
+		}
+		if (port == 80 || port == 443) && l.key != "listen.metrics" {
+			add(l.key, fmt.Sprintf("%s uses privileged port %d: the relay listens unprivileged on high ports and `relayctl rules apply` steers %d to it", l.key, port, port),
+				fmt.Sprintf("write %q", l.example))
+		}
+	}
+	oneOf("splice", c.Splice, "auto", "sockmap", "splice")
+	oneOf("steer.bpf", c.Steer.BPF, "auto", "on", "off")
+	for i, b := range c.Steer.Bypass {
+		if _, err := ParsePrefix(b); err != nil {
+			add(fmt.Sprintf("steer.bypass[%d]", i), fmt.Sprintf("steer.bypass %q is not a CIDR or IP address", b), "write e.g. 192.168.1.0/24, 10.0.0.1 or fd00::/8")
+		}
+	}
+	for _, ports := range []struct {
+		key string
+		v   []int
+	}{{"steer.https_ports", c.Steer.HTTPSPorts}, {"steer.http_ports", c.Steer.HTTPPorts}} {
+		for _, p := range ports.v {
+			if p < 1 || p > 65535 {
+				add(ports.key, fmt.Sprintf("%s: port %d out of range", ports.key, p), "write ports between 1 and 65535")
+			}
+		}
+	}
+	for i, name := range c.Steer.Interfaces {
+		if name == "" || len(name) > 15 || strings.ContainsAny(name, "/ \t") {
+			add(fmt.Sprintf("steer.interfaces[%d]", i), fmt.Sprintf("steer.interfaces: %q is not an interface name", name), "write names as `ip link` shows them, e.g. br-lan")
+		}
+	}
+
+	// acme
+	switch ca := c.ACME.CA; {
+	case ca == "letsencrypt", ca == "letsencrypt-staging":
+	case strings.HasPrefix(ca, "https://") || strings.HasPrefix(ca, "http://"):
+		if _, err := url.Parse(ca); err != nil {
+			add("acme.ca", fmt.Sprintf("acme.ca %q: %v", ca, err), "write letsencrypt, letsencrypt-staging or a directory URL")
+		}
+	default:
+		add("acme.ca", fmt.Sprintf("acme.ca %q is not a known CA", ca), "write letsencrypt, letsencrypt-staging or an ACME directory URL (https://...)")
+	}
+	oneOf("acme.key_type", c.ACME.KeyType, "ec256", "ec384", "rsa2048", "rsa4096")
+	for _, ch := range c.ACME.Challenges {
+		oneOf("acme.challenges", ch, "http-01", "tls-alpn-01", "dns-01")
+	}
+	if c.ACME.Email != "" && !strings.Contains(c.ACME.Email, "@") {
+		add("acme.email", fmt.Sprintf("acme.email %q is not an email address", c.ACME.Email), "write e.g. me@example.com")
+	}
+
+	// limits
+	l := c.Limits
+	if l.MaxHelloBytes < 1024 || l.MaxHelloBytes > 1<<20 {
+		add("limits.max_hello_bytes", fmt.Sprintf("limits.max_hello_bytes %d out of range", l.MaxHelloBytes), "write a value between 1024 and 1048576 (default 65536)")
+	}
+	for _, d := range []struct {
+		key string
+		v   Duration
+	}{{"limits.hello_timeout", l.HelloTimeout}, {"limits.idle_timeout", l.IdleTimeout}, {"limits.drain_timeout", l.DrainTimeout}, {"limits.dial_timeout", l.DialTimeout}} {
+		if d.v < 0 {
+			add(d.key, fmt.Sprintf("%s must be positive", d.key), "write e.g. \"10s\"")
+		}
+	}
+	for _, n := range []struct {
+		key string
+		v   int
+	}{{"limits.max_connections", l.MaxConnections}, {"limits.max_handshakes", l.MaxHandshakes}} {
+		if n.v < 1 {
+			add(n.key, fmt.Sprintf("%s must be at least 1", n.key), "remove it for the default")
+		}
+	}
+	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
+	oneOf("log.format", c.Log.Format, "text", "json")
+
+	// routes
+	first := map[string]int{}
+	for i := range c.Routes {
+		r := &c.Routes[i]
+		at := fmt.Sprintf("routes[%d]", i)
+		line := func(key string) string { return at + "." + key }
+		if r.Match == "" {
+			add(at, "route without match", "add `match: name.example.com` (or \"*.example.com\")")
+		} else if err := validMatch(r.Match); err != nil {
+			add(line("match"), fmt.Sprintf("match %q: %v", r.Match, err), "write a DNS name like nas.example.com, or \"*.example.com\" for one label")
+		} else {
+			key := NormalizeName(r.Match)
+			if prev, dup := first[key]; dup {
+				add(line("match"), fmt.Sprintf("duplicate match %q (first at line %d)", r.Match, prev), "merge the two routes or remove one")
+			} else {
+				first[key] = c.line(line("match"))
+			}
+		}
+		actions := 0
+		if len(r.Passthrough) > 0 {
+			actions++
+		}
+		if r.Terminate != nil {
+			actions++
+		}
+		if r.Reject {
+			actions++
+		}
+		if actions != 1 {
+			add(at, fmt.Sprintf("route %q must have exactly one of passthrough, terminate, reject (has %d)", r.Match, actions),
+				"write `passthrough: host:443`, `terminate: {upstream: ..., tls: ...}` or `reject: true`")
+		}
+		for j, u := range r.Passthrough {
+			if err := validHostPort(u); err != nil {
+				add(line("passthrough"), fmt.Sprintf("passthrough[%d] %q: %v", j, u, err), "write host:port, e.g. 192.168.1.20:443")
+			}
+		}
+		if r.ProxyProtocol != "" {
+			oneOf(line("proxy_protocol"), r.ProxyProtocol, "v1", "v2")
+			if len(r.Passthrough) == 0 {
+				add(line("proxy_protocol"), "proxy_protocol applies to passthrough routes only", "remove it, or make the route a passthrough")
+			}
+		}
+		if t := r.Terminate; t != nil {
+			u, err := url.Parse(t.Upstream)
+			switch {
+			case t.Upstream == "":
+				add(line("terminate"), "terminate without upstream", "add `upstream: http://host:port` (or https://, tcp://)")
+			case err != nil:
+				add(line("terminate.upstream"), fmt.Sprintf("terminate.upstream %q: %v", t.Upstream, err), "write http://host:port, https://host:port or tcp://host:port")
+			case u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "tcp":
+				add(line("terminate.upstream"), fmt.Sprintf("terminate.upstream %q: scheme %q is not supported", t.Upstream, u.Scheme), "write http://host:port, https://host:port or tcp://host:port")
+			default:
+				if err := validHostPort(u.Host); err != nil && u.Scheme == "tcp" {
+					add(line("terminate.upstream"), fmt.Sprintf("terminate.upstream %q: %v", t.Upstream, err), "write tcp://host:port")
+				} else if u.Host == "" {
+					add(line("terminate.upstream"), fmt.Sprintf("terminate.upstream %q has no host", t.Upstream), "write http://host:port")
+				}
+			}
+			switch t.TLS.Mode {
+			case "acme":
+				if strings.HasPrefix(r.Match, "*.") && c.ACME.Email != "" && c.ACME.DNS == "" {
+					add(line("terminate.tls"), fmt.Sprintf("route %q: wildcard certificates need DNS-01", r.Match),
+						"set acme.dns to a lego DNS provider name (e.g. cloudflare), or use tls: internal")
+				}
+			case "internal":
+			case "files":
+				if t.TLS.Cert == "" || t.TLS.Key == "" {
+					add(line("terminate.tls"), "tls {cert, key}: both cert and key are required", "write tls: {cert: /etc/relay/x.crt, key: /etc/relay/x.key}")
+				}
+			default:
+				add(line("terminate.tls"), fmt.Sprintf("tls %q is not a certificate source", t.TLS.Mode), "write acme, internal or {cert: FILE, key: FILE}")
+			}
+		}
+	}
+	switch u := c.UnknownSNI; u {
+	case "original", "reject":
+	default:
+		if _, ok := first[NormalizeName(u)]; !ok {
+			add("unknown_sni", fmt.Sprintf("unknown_sni %q names no route", u), "write original, reject, or the match of one of the routes")
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// ParsePrefix parses a CIDR or a bare address (taken as a single host).
+func ParsePrefix(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+func listenPort(s string) (int, error) {
+	_, p, err := net.SplitHostPort(s)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(p)
+	if err != nil || n < 0 || n > 65535 {
+		return 0, fmt.Errorf("port %q is not a number between 0 and 65535", p)
+	}
+	return n, nil
+}
+
+func validHostPort(s string) error {
+	h, p, err := net.SplitHostPort(s)
+	if err != nil {
+		return err
+	}
+	if h == "" {
+		return fmt.Errorf("host is empty")
+	}
+	if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("port %q is not a number between 1 and 65535", p)
+	}
+	return nil
+}
+
+// validMatch accepts a DNS name or "*." + DNS name (a wildcard is a whole
+// leftmost label).
+func validMatch(m string) error {
+	name := strings.TrimSuffix(m, ".")
+	name = strings.TrimPrefix(name, "*.")
+	if name == "" || len(name) > 253 {
+		return fmt.Errorf("empty or too long")
+	}
+	for _, label := range strings.Split(name, ".") {
+		if label == "" || len(label) > 63 {
+			return fmt.Errorf("label %q is empty or longer than 63 bytes", label)
+		}
+		for _, ch := range label {
+			switch {
+			case ch >= 'a' && ch <= 'z', ch >= 'A' && ch <= 'Z', ch >= '0' && ch <= '9', ch == '-', ch == '_':
+			case ch == '*':
+				return fmt.Errorf("a wildcard must be the whole leftmost label (\"*.example.com\")")
+			default:
+				return fmt.Errorf("character %q is not allowed in a name", ch)
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,182 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// errIdle ends a relayed connection on which neither side sent data for
+// limits.idle_timeout.
+var errIdle = errors.New("idle timeout")
+
+// passthrough relays client to an upstream of rt without decrypting:
+// dial, optional PROXY header, replay the peeked ClientHello, then splice.
+func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route, dst netip.AddrPort) {
+	s.m.connections.WithLabelValues(rt.label, "passthrough").Inc()
+	active := s.m.active.WithLabelValues(rt.label, "passthrough")
+	active.Inc()
+	defer active.Dec()
+	lim := s.state.Load().cfg.Limits
+
+	upConn, addr, err := rt.dial(context.Background(), lim.DialTimeout.D(), dst, func(err error) {
+		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
+	})
+	if err != nil {
+		s.log.Warn("upstream unreachable", "route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "err", err)
+		return
+	}
+	defer upConn.Close()
+	log := s.log.With("route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "upstream", addr)
+
+	var pre []byte
+	switch rt.proxyProtocol {
+	case "v1":
+		pre = proxyHeaderV1(client.RemoteAddr(), dst)
+	case "v2":
+		pre = proxyHeaderV2(client.RemoteAddr(), dst, hello)
+	}
+	pre = append(pre, hello.Raw...)
+	upBytes := s.m.bytes.WithLabelValues(rt.label, "upstream")
+	downBytes := s.m.bytes.WithLabelValues(rt.label, "downstream")
+	upConn.SetWriteDeadline(time.Now().Add(lim.HelloTimeout.D()))
+	if _, err := upConn.Write(pre); err != nil {
+		s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
+		log.Warn("replay hello to upstream", "err", err)
+		return
+	}
+	upConn.SetWriteDeadline(time.Time{})
+	upBytes.Add(float64(len(hello.Raw)))
+
+	var up, down int64
+	if sc, ok := s.splicer.(spliceCopier); ok {
+		up, down, err = sc.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
+	} else {
+		up, down, err = s.splicer.Splice(context.Background(), client, upConn)
+		upBytes.Add(float64(up))
+		downBytes.Add(float64(down))
+	}
+	if errors.Is(err, errIdle) {
+		s.m.limitRejections.WithLabelValues("idle_timeout").Inc()
+	}
+	log.Debug("passthrough done", "up", up+int64(len(hello.Raw)), "down", down, "err", err)
+}
+
+// passthroughHTTP relays a transparently redirected plain-HTTP connection
+// to its original destination.
+func (s *Server) passthroughHTTP(client *net.TCPConn, dst netip.AddrPort) {
+	st := s.state.Load()
+	s.m.connections.WithLabelValues(labelOriginal, "http").Inc()
+	active := s.m.active.WithLabelValues(labelOriginal, "http")
+	active.Inc()
+	defer active.Dec()
+	lim := st.cfg.Limits
+	up, addr, err := s.dialOriginal(context.Background(), lim.DialTimeout.D(), dst)
+	if err != nil {
+		s.m.upstreamErrors.WithLabelValues(labelOriginal, dialErrorReason(err)).Inc()
+		s.log.Info("original destination unreachable", "client", client.RemoteAddr(), "dst", addr, "err", err)
+		return
+	}
+	defer up.Close()
+	spliceCopier{}.pipe(client, up, lim.IdleTimeout.D(),
+		s.m.bytes.WithLabelValues(labelOriginal, "upstream"), s.m.bytes.WithLabelValues(labelOriginal, "downstream"))
+}
+
+// spliceCopier is the default Splicer: io.Copy between two *net.TCPConn,
+// which the runtime turns into splice(2), so payload never enters user
+// space.
+type spliceCopier struct{}
+
+func (sc spliceCopier) Splice(ctx context.Context, client, upstream *net.TCPConn) (up, down int64, err error) {
+	return sc.pipe(client, upstream, 5*time.Minute, nil, nil)
+}
+
+// pipe copies both ways, propagating half-close, until both directions
+// ended or one failed; counters (may be nil) advance at least once per
+// tick during long transfers. The idle check asks the kernel when each
+// socket last received data, so no per-read bookkeeping is needed and the
+// copy stays in splice(2).
+func (spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, upC, downC prometheus.Counter) (up, down int64, err error) {
+	tick := min(idle, time.Minute)
+	var (
+		wg     sync.WaitGroup
+		once   sync.Once
+		first  error
+		closed atomic.Bool
+	)
+	fail := func(e error) {
+		once.Do(func() { first = e })
+		if closed.CompareAndSwap(false, true) {
+			client.Close()
+			upstream.Close()
+		}
+	}
+	isIdle := func() bool {
+		return idleFor(client) >= idle && idleFor(upstream) >= idle
+	}
+	dir := func(dst, src *net.TCPConn, total *int64, c prometheus.Counter) {
+		defer wg.Done()
+		for {
+			src.SetReadDeadline(time.Now().Add(tick))
+			n, err := io.Copy(dst, src)
+			*total += n
+			if c != nil && n > 0 {
+				c.Add(float64(n))
+			}
+			switch {
+			case err == nil: // EOF from src: pass the half-close on
+				dst.CloseWrite()
+				return
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				if isIdle() {
+					fail(errIdle)
+					return
+				}
+			default:
+				if !closed.Load() {
+					fail(err)
+				}
+				return
+			}
+		}
+	}
+	wg.Add(2)
+	go dir(upstream, client, &up, upC)
+	dir(client, upstream, &down, downC)
+	wg.Wait()
+	if first != nil && isBenignClose(first) {
+		first = nil
+	}
+	return up, down, first
+}
+
+func isBenignClose(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, net.ErrClosed)
+}
+
+func dialErrorReason(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, errNoHealthy):
+		return "no_healthy"
+	case errors.Is(err, errSelfDial):
+		return "self_dial"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "unreachable"
+	default:
+		return "dial"
+	}
+}

@@ -1,0 +1,413 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/relay-gw/relay/internal/config"
+)
+
+// Options wires a Server. Only Config is required.
+type Options struct {
+	Config *config.Config
+
+	// Certs returns the certificate source of a terminate route. Required
+	// when the config has terminate routes.
+	Certs func(r *config.Route) (CertSource, error)
+	// HTTPChallenges and ALPNChallenges serve ACME challenges; nil = none.
+	HTTPChallenges HTTPChallenges
+	ALPNChallenges ALPNChallenges
+	// OriginalDst reads the pre-NAT destination; nil = the accepted
+	// socket's local address is the destination (no REDIRECT).
+	OriginalDst OriginalDst
+	// Splicer copies passthrough bytes; nil = splice(2) via io.Copy
+	// between *net.TCPConn.
+	Splicer Splicer
+	// IsLocal reports whether an address belongs to this host (never
+	// dialled: it would loop into the relay). nil = net.InterfaceAddrs.
+	IsLocal func(netip.Addr) bool
+
+	// Registry receives the relay's metrics; nil = a new registry with the
+	// Go and process collectors (served at /metrics).
+	Registry *prometheus.Registry
+	Logger   *slog.Logger
+
+	// Listeners, when set, are used instead of listening on
+	// Config.Listen addresses (tests; fd hand-over).
+	HTTPSListener   net.Listener
+	HTTPListener    net.Listener
+	MetricsListener net.Listener
+}
+
+// Server is a running relay: the https (ClientHello-routed), http and
+// metrics listeners, and the route state they share.
+type Server struct {
+	opts     Options
+	log      *slog.Logger
+	reg      *prometheus.Registry
+	m        *metrics
+	state    atomic.Pointer[state]
+	isLocal  func(netip.Addr) bool
+	splicer  Splicer
+	health   healthRegistry
+	termSrv  *termServer
+	termOnce sync.Once
+	httpsLn  net.Listener
+	httpLn   net.Listener
+	metricLn net.Listener
+
+	conns      sync.WaitGroup
+	active     atomic.Int64
+	handshakes chan struct{} // semaphore: max_handshakes
+
+	mu      sync.Mutex
+	tracked map[net.Conn]bool // open client conns → routed yet; unrouted ones are closed at once on drain
+	closing bool
+
+	reloadMu sync.Mutex // serializes Reload
+}
+
+// New builds a Server and opens its listeners. Close (or Serve returning)
+// releases them.
+func New(opts Options) (*Server, error) {
+	if opts.Config == nil {
+		return nil, errors.New("relay: Options.Config is required")
+	}
+	s := &Server{
+		opts:    opts,
+		log:     opts.Logger,
+		reg:     opts.Registry,
+		isLocal: opts.IsLocal,
+		splicer: opts.Splicer,
+		tracked: map[net.Conn]bool{},
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.reg == nil {
+		s.reg = prometheus.NewRegistry()
+		s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	if s.isLocal == nil {
+		s.isLocal = newLocalAddrs().contains
+	}
+	if s.splicer == nil {
+		s.splicer = spliceCopier{}
+	}
+	s.m = newMetrics(s.reg)
+	st, err := s.buildState(opts.Config)
+	if err != nil {
+		return nil, err
+	}
+	s.state.Store(st)
+	s.handshakes = make(chan struct{}, st.cfg.Limits.MaxHandshakes)
+
+	lc := listenConfig()
+	cfg := opts.Config
+	if s.httpsLn = opts.HTTPSListener; s.httpsLn == nil {
+		if s.httpsLn, err = lc.Listen(context.Background(), "tcp", cfg.Listen.HTTPS); err != nil {
+			return nil, fmt.Errorf("listen https on %s: %w (is another relay running? change listen.https)", cfg.Listen.HTTPS, err)
+		}
+	}
+	if s.httpLn = opts.HTTPListener; s.httpLn == nil && cfg.Listen.HTTP != "off" && cfg.Listen.HTTP != "" {
+		if s.httpLn, err = lc.Listen(context.Background(), "tcp", cfg.Listen.HTTP); err != nil {
+			s.closeListeners()
+			return nil, fmt.Errorf("listen http on %s: %w (change listen.http, or \"off\")", cfg.Listen.HTTP, err)
+		}
+	}
+	if s.metricLn = opts.MetricsListener; s.metricLn == nil && cfg.Listen.Metrics != "off" && cfg.Listen.Metrics != "" {
+		if s.metricLn, err = lc.Listen(context.Background(), "tcp", cfg.Listen.Metrics); err != nil {
+			s.closeListeners()
+			return nil, fmt.Errorf("listen metrics on %s: %w (change listen.metrics, or \"off\")", cfg.Listen.Metrics, err)
+		}
+	}
+	return s, nil
+}
+
+// listenConfig returns the ListenConfig for every relay socket: plain TCP,
+// because MPTCP sockets cannot be put into a sockmap (DESIGN.md).
+func listenConfig() *net.ListenConfig {
+	lc := &net.ListenConfig{}
+	lc.SetMultipathTCP(false)
+	return lc
+}
+
+// HTTPSAddr, HTTPAddr and MetricsAddr return the bound addresses (nil when off).
+func (s *Server) HTTPSAddr() net.Addr { return addrOf(s.httpsLn) }
+func (s *Server) HTTPAddr() net.Addr  { return addrOf(s.httpLn) }
+
+// MetricsAddr returns the metrics listener's address, nil when off.
+func (s *Server) MetricsAddr() net.Addr { return addrOf(s.metricLn) }
+
+// HTTPSListener returns the https listener, e.g. to register it in the BPF
+// steering map.
+func (s *Server) HTTPSListener() net.Listener { return s.httpsLn }
+
+// HTTPListener returns the http listener (nil when off).
+func (s *Server) HTTPListener() net.Listener { return s.httpLn }
+
+// Registry returns the registry served at /metrics, so that callers can add
+// collectors (BPF counters, certificates).
+func (s *Server) Registry() *prometheus.Registry { return s.reg }
+
+// SetBPFAttached sets relay_bpf_attached.
+func (s *Server) SetBPFAttached(on bool) {
+	v := 0.0
+	if on {
+		v = 1
+	}
+	s.m.bpfAttached.Set(v)
+}
+
+func addrOf(l net.Listener) net.Addr {
+	if l == nil {
+		return nil
+	}
+	return l.Addr()
+}
+
+// Reload swaps in a new configuration atomically. A config that cannot be
+// built is refused and the old one keeps serving; connections in flight
+// keep the route they were given. Listen addresses and limits that size
+// resources (max_handshakes) need a restart.
+func (s *Server) Reload(cfg *config.Config) error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	st, err := s.buildState(cfg)
+	if err != nil {
+		s.m.reloads.WithLabelValues("failure").Inc()
+		return err
+	}
+	old := s.state.Swap(st)
+	if old.cfg.Listen != cfg.Listen {
+		s.log.Warn("listen addresses changed; they take effect on restart", "old", old.cfg.Listen, "new", cfg.Listen)
+	}
+	s.m.reloads.WithLabelValues("success").Inc()
+	s.log.Info("config reloaded", "routes", len(cfg.Routes))
+	return nil
+}
+
+// RecordReloadFailure counts a reload that failed before reaching Reload
+// (e.g. the file did not parse).
+func (s *Server) RecordReloadFailure() { s.m.reloads.WithLabelValues("failure").Inc() }
+
+// Serve runs until ctx is done, then stops accepting and drains: open
+// connections get limits.drain_timeout to finish before they are closed.
+func (s *Server) Serve(ctx context.Context) error {
+	errc := make(chan error, 3)
+	var wg sync.WaitGroup
+	start := func(f func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(); err != nil {
+				errc <- err
+			}
+		}()
+	}
+	start(func() error { return s.acceptLoop(s.httpsLn, s.handleTLS) })
+	var httpSrv, metricsSrv *http.Server
+	if s.httpLn != nil {
+		httpSrv = s.newHTTPPortServer()
+		start(func() error { return ignoreClosed(httpSrv.Serve(s.countingListener(s.httpLn))) })
+	}
+	if s.metricLn != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		start(func() error { return ignoreClosed(metricsSrv.Serve(s.metricLn)) })
+	}
+	s.log.Info("relay serving", "https", s.HTTPSAddr(), "http", s.HTTPAddr(), "metrics", s.MetricsAddr())
+
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	drain := s.state.Load().cfg.Limits.DrainTimeout.D()
+	s.log.Info("draining", "open_connections", s.active.Load(), "drain_timeout", drain)
+	s.mu.Lock()
+	s.closing = true
+	for c, routed := range s.tracked {
+		if !routed { // still in its ClientHello: nothing in flight to drain
+			c.Close()
+		}
+	}
+	s.mu.Unlock()
+	s.httpsLn.Close()
+	dctx, cancel := context.WithTimeout(context.Background(), drain)
+	defer cancel()
+	if httpSrv != nil {
+		go httpSrv.Shutdown(dctx)
+	}
+	s.term().shutdown(dctx)
+	done := make(chan struct{})
+	go func() { s.conns.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-dctx.Done():
+		s.mu.Lock()
+		n := len(s.tracked)
+		for c := range s.tracked {
+			c.Close()
+		}
+		s.mu.Unlock()
+		s.log.Warn("drain timeout: closed remaining connections", "connections", n)
+		<-done
+	}
+	if metricsSrv != nil {
+		metricsSrv.Close()
+	}
+	s.closeListeners()
+	wg.Wait()
+	return err
+}
+
+func (s *Server) closeListeners() {
+	for _, l := range []net.Listener{s.httpsLn, s.httpLn, s.metricLn} {
+		if l != nil {
+			l.Close()
+		}
+	}
+}
+
+func ignoreClosed(err error) error {
+	if err == nil || errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// acceptLoop accepts until the listener closes. Temporary errors (EMFILE)
+// back off instead of spinning.
+func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn)) error {
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			if delay == 0 {
+				delay = 5 * time.Millisecond
+			} else if delay *= 2; delay > time.Second {
+				delay = time.Second
+			}
+			s.log.Warn("accept", "err", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		if !s.admit(c) {
+			continue
+		}
+		go func() {
+			defer s.release(c)
+			handle(c)
+		}()
+	}
+}
+
+// admit enforces max_connections and tracks c for draining.
+func (s *Server) admit(c net.Conn) bool {
+	max := int64(s.state.Load().cfg.Limits.MaxConnections)
+	if s.active.Add(1) > max {
+		s.active.Add(-1)
+		s.m.limitRejections.WithLabelValues("max_connections").Inc()
+		s.log.Debug("max_connections reached: refusing", "remote", c.RemoteAddr(), "limit", max)
+		c.Close()
+		return false
+	}
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		s.active.Add(-1)
+		c.Close()
+		return false
+	}
+	s.tracked[c] = false
+	s.conns.Add(1)
+	s.mu.Unlock()
+	return true
+}
+
+// routed marks c as past its ClientHello, so that drain waits for it. It
+// returns false when the server is draining (c is being closed).
+func (s *Server) routed(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.tracked[c] = true
+	return true
+}
+
+func (s *Server) release(c net.Conn) {
+	c.Close()
+	s.mu.Lock()
+	delete(s.tracked, c)
+	s.mu.Unlock()
+	s.active.Add(-1)
+	s.conns.Done()
+}
+
+// countingListener applies admit/release to a listener handed to an
+// http.Server (the http port).
+func (s *Server) countingListener(ln net.Listener) net.Listener {
+	return &admitListener{Listener: ln, s: s}
+}
+
+type admitListener struct {
+	net.Listener
+	s *Server
+}
+
+func (l *admitListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if !l.s.admit(c) {
+			continue
+		}
+		l.s.routed(c) // http.Server.Shutdown drains these itself
+		if tc, ok := c.(*net.TCPConn); ok {
+			if dst, transit := l.s.destination(tc); transit && l.s.state.Load().unknownSNI == "original" {
+				// Plain HTTP redirected on its way to another host: pass
+				// it on untouched, like unknown TLS names.
+				go func() {
+					defer l.s.release(c)
+					l.s.passthroughHTTP(tc, dst)
+				}()
+				continue
+			}
+		}
+		return &releaseConn{Conn: c, s: l.s}, nil
+	}
+}
+
+type releaseConn struct {
+	net.Conn
+	s    *Server
+	once sync.Once
+}
+
+func (c *releaseConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.s.release(c.Conn) })
+	return err
+}

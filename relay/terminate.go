@@ -1,0 +1,285 @@
+package relay
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/relay-gw/relay/internal/config"
+)
+
+// termRoute is a terminate route: TLS config and where decrypted traffic
+// goes (an HTTP reverse proxy, or raw TCP).
+type termRoute struct {
+	label   string
+	tlsConf *tls.Config
+	handler http.Handler // http:// or https:// upstream
+	tcpAddr string       // tcp:// upstream
+}
+
+func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSource) (*termRoute, error) {
+	u, err := url.Parse(t.Upstream)
+	if err != nil {
+		return nil, fmt.Errorf("terminate.upstream %q: %w", t.Upstream, err)
+	}
+	tr := &termRoute{
+		label: label,
+		tlsConf: &tls.Config{
+			GetCertificate: certs.GetCertificate,
+			MinVersion:     tls.VersionTLS12,
+		},
+	}
+	switch u.Scheme {
+	case "tcp":
+		tr.tcpAddr = u.Host
+		return tr, nil
+	case "http", "https":
+	default:
+		return nil, fmt.Errorf("terminate.upstream %q: scheme must be http, https or tcp", t.Upstream)
+	}
+	tr.tlsConf.NextProtos = []string{"h2", "http/1.1"}
+	d := dialer(s.state0Limits().DialTimeout.D())
+	transport := &http.Transport{
+		DialContext:           d.DialContext,
+		MaxIdleConnsPerHost:   32,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ResponseHeaderTimeout: 0, // long polls and slow APIs are the upstream's business
+	}
+	if u.Scheme == "https" {
+		tc := &tls.Config{InsecureSkipVerify: t.UpstreamInsecure}
+		if t.UpstreamCA != "" {
+			pem, err := os.ReadFile(t.UpstreamCA)
+			if err != nil {
+				return nil, fmt.Errorf("read terminate.upstream_ca: %w", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("terminate.upstream_ca %s: no PEM certificates in it", t.UpstreamCA)
+			}
+			tc.RootCAs = pool
+		}
+		transport.TLSClientConfig = tc
+	}
+	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
+	tr.handler = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(u)
+			// The upstream sees the client's Host (as Caddy does), and
+			// X-Forwarded-* set by us: Rewrite mode has already dropped
+			// the client's own, which are not trusted at the edge.
+			pr.Out.Host = pr.In.Host
+			pr.SetXForwarded()
+		},
+		Transport: transport,
+		ErrorLog:  errLog,
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			reason := "http"
+			if errors.Is(err, context.Canceled) {
+				reason = "canceled"
+			} else {
+				reason = dialErrorReason(err)
+			}
+			s.m.upstreamErrors.WithLabelValues(label, reason).Inc()
+			s.log.Warn("upstream request", "route", label, "upstream", u.Host, "err", err)
+			w.WriteHeader(http.StatusBadGateway)
+		},
+	}
+	return tr, nil
+}
+
+// state0Limits returns the limits of the state being served, or defaults
+// while the first state is being built.
+func (s *Server) state0Limits() config.Limits {
+	if st := s.state.Load(); st != nil {
+		return st.cfg.Limits
+	}
+	return s.opts.Config.Limits
+}
+
+// terminate ends TLS on client and forwards the plaintext. It releases the
+// handshake slot once the TLS handshake is done, and returns when the
+// connection is closed.
+func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) {
+	lim := s.state.Load().cfg.Limits
+	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, done: make(chan struct{})}
+	tlsConn := tls.Server(cc, rt.term.tlsConf)
+	client.SetDeadline(time.Now().Add(lim.HelloTimeout.D()))
+	err := tlsConn.Handshake()
+	client.SetDeadline(time.Time{})
+	s.releaseHandshake()
+	if err != nil {
+		s.m.tlsErrors.WithLabelValues(rt.label).Inc()
+		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "err", err)
+		return
+	}
+	s.m.connections.WithLabelValues(rt.label, "terminate").Inc()
+	active := s.m.active.WithLabelValues(rt.label, "terminate")
+	active.Inc()
+	defer func() {
+		active.Dec()
+		s.m.bytes.WithLabelValues(rt.label, "upstream").Add(float64(cc.in.Load()))
+		s.m.bytes.WithLabelValues(rt.label, "downstream").Add(float64(cc.out.Load()))
+	}()
+	if rt.term.tcpAddr != "" {
+		s.terminateTCP(tlsConn, rt, lim)
+		return
+	}
+	if !s.term().deliver(tlsConn) {
+		tlsConn.Close()
+		return
+	}
+	<-cc.done // the http server owns the conn until it closes it
+}
+
+// terminateTCP copies between the TLS connection and a raw TCP upstream.
+func (s *Server) terminateTCP(tlsConn *tls.Conn, rt *route, lim config.Limits) {
+	defer tlsConn.Close()
+	up, err := dialer(lim.DialTimeout.D()).Dial("tcp", rt.term.tcpAddr)
+	if err != nil {
+		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
+		s.log.Warn("upstream unreachable", "route", rt.label, "upstream", rt.term.tcpAddr, "err", err)
+		return
+	}
+	defer up.Close()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		io.Copy(up, tlsConn)
+		up.(*net.TCPConn).CloseWrite()
+	}()
+	io.Copy(tlsConn, up)
+	tlsConn.CloseWrite()
+	wg.Wait()
+}
+
+// termConn replays the peeked ClientHello to crypto/tls, counts bytes, and
+// signals when the http server closes it.
+type termConn struct {
+	net.Conn
+	pending []byte
+	route   *route
+	in, out atomic.Int64
+	once    sync.Once
+	done    chan struct{}
+}
+
+func (c *termConn) Read(p []byte) (int, error) {
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	n, err := c.Conn.Read(p)
+	c.in.Add(int64(n))
+	return n, err
+}
+
+func (c *termConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.out.Add(int64(n))
+	return n, err
+}
+
+func (c *termConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { close(c.done) })
+	return err
+}
+
+// termServer is one http.Server for every terminate route; each connection
+// carries its route, so the handler needs no Host lookup.
+type termServer struct {
+	srv   *http.Server
+	conns chan net.Conn
+	stop  chan struct{}
+	once  sync.Once
+}
+
+type routeCtxKey struct{}
+
+func (s *Server) term() *termServer {
+	s.termOnce.Do(func() {
+		ts := &termServer{conns: make(chan net.Conn), stop: make(chan struct{})}
+		idle := s.state.Load().cfg.Limits.IdleTimeout.D()
+		var protos http.Protocols
+		protos.SetHTTP1(true)
+		protos.SetHTTP2(true)
+		ts.srv = &http.Server{
+			Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				rt, _ := r.Context().Value(routeCtxKey{}).(*route)
+				if rt == nil || rt.term == nil || rt.term.handler == nil {
+					http.Error(w, "no route", http.StatusMisdirectedRequest)
+					return
+				}
+				rt.term.handler.ServeHTTP(w, r)
+			}),
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+				if tc, ok := c.(*tls.Conn); ok {
+					if cc, ok := tc.NetConn().(*termConn); ok {
+						return context.WithValue(ctx, routeCtxKey{}, cc.route)
+					}
+				}
+				return ctx
+			},
+			Protocols:         &protos,
+			ReadHeaderTimeout: 30 * time.Second,
+			IdleTimeout:       idle,
+			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		}
+		ts.srv.TLSConfig = &tls.Config{NextProtos: []string{"h2", "http/1.1"}}
+		go ts.srv.Serve(&chanListener{ts: ts, addr: s.httpsLn.Addr()})
+		s.termSrv = ts
+	})
+	return s.termSrv
+}
+
+// deliver hands a handshaken connection to the http server.
+func (ts *termServer) deliver(c net.Conn) bool {
+	select {
+	case ts.conns <- c:
+		return true
+	case <-ts.stop:
+		return false
+	}
+}
+
+// shutdown stops the http server gracefully (idle keep-alive connections
+// are closed, requests in flight finish) within ctx.
+func (ts *termServer) shutdown(ctx context.Context) {
+	if ts == nil {
+		return
+	}
+	ts.once.Do(func() { close(ts.stop) })
+	ts.srv.Shutdown(ctx)
+}
+
+type chanListener struct {
+	ts   *termServer
+	addr net.Addr
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ts.conns:
+		return c, nil
+	case <-l.ts.stop:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error   { return nil }
+func (l *chanListener) Addr() net.Addr { return l.addr }
