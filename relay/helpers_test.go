@@ -177,11 +177,17 @@ func startRelay(t testing.TB, cfg *config.Config, mod ...func(*Options)) *testRe
 func (r *testRelay) dialTLS(t testing.TB, name string, roots *x509.CertPool, alpn ...string) (*tls.Conn, error) {
 	t.Helper()
 	d := dialer(5 * time.Second)
-	return tls.DialWithDialer(d, "tcp", r.HTTPSAddr().String(), &tls.Config{
+	c, err := tls.DialWithDialer(d, "tcp", r.HTTPSAddr().String(), &tls.Config{
 		ServerName: name,
 		RootCAs:    roots,
 		NextProtos: alpn,
 	})
+	if err == nil {
+		// Closed before the relay stops (cleanups run last-in first-out), so
+		// a test that forgets never makes the relay wait out its drain.
+		t.Cleanup(func() { c.Close() })
+	}
+	return c, err
 }
 
 // metricsText scrapes /metrics.

@@ -476,6 +476,7 @@ func TestBadClientsDoNotBlockOthers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer c.Close()
 	b, _ := io.ReadAll(c)
 	if string(b) != "ok" {
 		t.Fatalf("normal client got %q with 400 bad clients connected", b)
