@@ -1,0 +1,205 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/relay-gw/relay/acme"
+	"github.com/relay-gw/relay/internal/config"
+	"github.com/relay-gw/relay/relay"
+)
+
+func init() {
+	register("serve", "serve [-c FILE]", cmdServe)
+	register("check", "check [-c FILE]", cmdCheck)
+}
+
+// loadConfig resolves -c and loads the file. On error it prints every
+// problem (FILE:LINE: what; fix) to stderr and returns exit status 1.
+func loadConfig(e *env, flagPath string) (*config.Config, error) {
+	path := config.ResolvePath(flagPath, e.getenv)
+	cfg, err := config.Load(path)
+	if err != nil {
+		fmt.Fprintln(e.stderr, err)
+		return nil, exitError{1}
+	}
+	return cfg, nil
+}
+
+func cmdCheck(e *env, args []string) error {
+	fs := newFlagSet(e, "check")
+	cfgPath := fs.String("c", "", "config file (default $RELAY_CONFIG, then "+config.DefaultPath+")")
+	if _, err := parseInterspersed(fs, args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(e, *cfgPath)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "%s: ok (%d routes, unknown_sni: %s)\n", cfg.Path, len(cfg.Routes), cfg.UnknownSNI)
+	return nil
+}
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var lvl slog.Level
+	_ = lvl.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: lvl}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func cmdServe(e *env, args []string) error {
+	fs := newFlagSet(e, "serve")
+	cfgPath := fs.String("c", "", "config file (default $RELAY_CONFIG, then "+config.DefaultPath+")")
+	if _, err := parseInterspersed(fs, args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(e, *cfgPath)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg.Log, e.stderr)
+	slog.SetDefault(log)
+
+	certs := &certSources{stateDir: cfg.StateDir, log: log}
+	srv, err := relay.New(relay.Options{
+		Config:      cfg,
+		Certs:       certs.forRoute,
+		OriginalDst: relay.SOOriginalDst,
+		Logger:      log,
+	})
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	attachBPF(srv, cfg, log)
+
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	go watchReload(ctx, cfg.Path, srv, certs, log)
+	return srv.Serve(ctx)
+}
+
+// watchReload reloads on SIGHUP and when the config file changes. The
+// directory is watched, not the file, because editors and config
+// managers replace files by rename.
+func watchReload(ctx context.Context, path string, srv *relay.Server, certs *certSources, log *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	var events <-chan fsnotify.Event
+	if w, err := fsnotify.NewWatcher(); err != nil {
+		log.Warn("config file watch unavailable; reload with SIGHUP", "err", err)
+	} else {
+		defer w.Close()
+		if err := w.Add(filepath.Dir(path)); err != nil {
+			log.Warn("config file watch unavailable; reload with SIGHUP", "err", err)
+		} else {
+			events = w.Events
+		}
+	}
+	abs, _ := filepath.Abs(path)
+	reload := func(why string) {
+		cfg, err := config.Load(path)
+		if err != nil {
+			srv.RecordReloadFailure()
+			log.Error("reload refused; the previous config keeps serving", "why", why, "err", err)
+			return
+		}
+		certs.setStateDir(cfg.StateDir)
+		if err := srv.Reload(cfg); err != nil {
+			log.Error("reload refused; the previous config keeps serving", "why", why, "err", err)
+		}
+	}
+	// Debounce: editors write several events per save.
+	var timer *time.Timer
+	fire := make(chan struct{}, 1)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			reload("SIGHUP")
+		case ev, ok := <-events:
+			if !ok {
+				events = nil
+				continue
+			}
+			if p, _ := filepath.Abs(ev.Name); p != abs || ev.Op&(fsnotify.Write|fsnotify.Create|fsnotify.Rename) == 0 {
+				continue
+			}
+			if timer != nil {
+				timer.Stop()
+			}
+			timer = time.AfterFunc(200*time.Millisecond, func() {
+				select {
+				case fire <- struct{}{}:
+				default:
+				}
+			})
+		case <-fire:
+			reload("config file changed")
+		}
+	}
+}
+
+// certSources builds the certificate source of each terminate route.
+type certSources struct {
+	mu       sync.Mutex
+	stateDir string
+	log      *slog.Logger
+	ca       *acme.InternalCA
+	caDir    string
+	warned   bool
+}
+
+func (c *certSources) setStateDir(d string) {
+	c.mu.Lock()
+	c.stateDir = d
+	c.mu.Unlock()
+}
+
+func (c *certSources) internalCA() (*acme.InternalCA, error) {
+	dir := filepath.Join(c.stateDir, "ca")
+	if c.ca != nil && c.caDir == dir {
+		return c.ca, nil
+	}
+	ca, err := acme.OpenInternalCA(dir)
+	if err != nil {
+		return nil, fmt.Errorf("internal CA in %s: %w", dir, err)
+	}
+	c.ca, c.caDir = ca, dir
+	return ca, nil
+}
+
+func (c *certSources) forRoute(r *config.Route) (relay.CertSource, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch r.Terminate.TLS.Mode {
+	case "files":
+		return acme.NewFileSource(r.Terminate.TLS.Cert, r.Terminate.TLS.Key)
+	case "acme":
+		if !c.warned {
+			c.log.Warn("tls: acme routes use the internal CA: ACME issuance is not wired into serve yet", "route", r.Match)
+			c.warned = true
+		}
+		return c.internalCA()
+	case "internal", "":
+		return c.internalCA()
+	default:
+		return nil, errors.New("unknown tls mode " + r.Terminate.TLS.Mode)
+	}
+}
