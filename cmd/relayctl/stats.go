@@ -83,10 +83,8 @@ func value(m *dto.Metric) float64 {
 
 func printRelayStats(w io.Writer, fams map[string]*dto.MetricFamily) {
 	type row struct {
-		route, action    string
-		conns, active    float64
-		upBytes, dnBytes float64
-		upstreamErrs     float64
+		route, action string
+		conns, active float64
 	}
 	rows := map[string]*row{}
 	get := func(route, action string) *row {
