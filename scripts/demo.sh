@@ -14,7 +14,7 @@ if [ "$(id -u)" -ne 0 ]; then
 	echo "demo: run as root (it starts the relay as the unprivileged user 'nobody' to show it needs no privilege)" >&2
 	exit 1
 fi
-command -v curl >/dev/null || { echo "demo: needs curl (apt-get install curl)" >&2; exit 1; }
+./scripts/deps.sh
 
 work=$(mktemp -d /tmp/relay-demo.XXXXXX)
 chmod 755 "$work"
