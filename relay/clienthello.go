@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"time"
 )
 
@@ -122,8 +123,10 @@ func readHelloRecords(r io.Reader, maxBytes int) ([]byte, error) {
 // ParseClientHello parses TLS records (as read from the wire) holding a
 // ClientHello. Extra records after the hello are ignored.
 func ParseClientHello(raw []byte) (*ClientHello, error) {
-	// Reassemble the handshake message from its records.
+	// Reassemble the handshake message from its records (no copy when,
+	// as usual, one record holds it all).
 	var msg []byte
+	records := 0
 	for p := raw; len(p) > 0; {
 		if len(p) < recordHeaderLen {
 			return nil, fmt.Errorf("%w: truncated record header", ErrHelloMalformed)
@@ -138,7 +141,12 @@ func ParseClientHello(raw []byte) (*ClientHello, error) {
 		if len(p) < recordHeaderLen+n {
 			return nil, fmt.Errorf("%w: truncated record", ErrHelloMalformed)
 		}
-		msg = append(msg, p[recordHeaderLen:recordHeaderLen+n]...)
+		if records == 0 {
+			msg = p[recordHeaderLen : recordHeaderLen+n : recordHeaderLen+n]
+		} else {
+			msg = append(msg, p[recordHeaderLen:recordHeaderLen+n]...)
+		}
+		records++
 		p = p[recordHeaderLen+n:]
 		if len(msg) >= 4 && len(msg) >= 4+(int(msg[1])<<16|int(msg[2])<<8|int(msg[3])) {
 			break
@@ -190,8 +198,8 @@ func (r *reader) u16() int {
 	return int(binary.BigEndian.Uint16(b))
 }
 
-func (r *reader) vec8() *reader  { return &reader{b: r.bytes(r.u8()), ok: r.ok} }
-func (r *reader) vec16() *reader { return &reader{b: r.bytes(r.u16()), ok: r.ok} }
+func (r *reader) vec8() reader  { return reader{b: r.bytes(r.u8()), ok: r.ok} }
+func (r *reader) vec16() reader { return reader{b: r.bytes(r.u16()), ok: r.ok} }
 
 // TLS extension code points we read.
 const (
@@ -224,17 +232,18 @@ func (h *ClientHello) parseBody(body []byte) error {
 	if !r.ok || len(r.b) != 0 {
 		return malformed("extensions length")
 	}
-	seen := map[int]bool{}
+	var seenBuf [32]int
+	seen := seenBuf[:0] // few extensions: a slice beats a map and stays on the stack
 	for len(exts.b) > 0 {
 		typ := exts.u16()
 		data := exts.vec16()
 		if !exts.ok {
 			return malformed("truncated extension")
 		}
-		if seen[typ] {
+		if slices.Contains(seen, typ) {
 			return malformed(fmt.Sprintf("duplicate extension %d", typ))
 		}
-		seen[typ] = true
+		seen = append(seen, typ)
 		switch typ {
 		case extServerName:
 			list := data.vec16()
