@@ -1,93 +1,101 @@
 #!/usr/bin/env bash
-# make demo: relay end to end on loopback, with embedded defaults.
-#   - two upstreams (a TLS service and a plain HTTP app) from scripts/demo-upstream
-#   - relayctl serve as an unprivileged user (nobody), no capabilities
-#   - curl through: SNI passthrough, TLS termination (internal CA),
-#     a rejected name, the http -> https redirect; then /metrics and stats
-# Everything it starts is stopped on exit, also on Ctrl-C.
+# make demo: relay end to end on a gateway, with embedded defaults, in three
+# network namespaces made for the demo (nothing touches this machine's own
+# network):
+#
+#   client 10.10.1.2 ── gateway 10.10.1.1 | 10.10.2.1 ── upstream 10.10.2.2 (fd10:.. for IPv6)
+#
+# On the gateway: `relayctl rules apply` (root) steers TCP 443/80 into the
+# relay, and `relayctl serve` runs as the unprivileged user nobody. The
+# client then uses curl: SNI passthrough, TLS termination with the internal
+# CA, a transparent connection to a host with no route, the http -> https
+# redirect. Everything is removed on exit, also on Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RELAY=bin/relayctl
-[ -x "$RELAY" ] || make build >/dev/null
 if [ "$(id -u)" -ne 0 ]; then
-	echo "demo: run as root (it starts the relay as the unprivileged user 'nobody' to show it needs no privilege)" >&2
+	echo "demo: run as root (sudo make demo): it creates network namespaces and iptables rules in them" >&2
 	exit 1
 fi
 ./scripts/deps.sh
+RELAY=$PWD/bin/relayctl
+[ -x "$RELAY" ] || make build >/dev/null
 
+export RELAY_NS_PREFIX=relaydemo
+C=/run/netns/$RELAY_NS_PREFIX-client G=/run/netns/$RELAY_NS_PREFIX-gw U=/run/netns/$RELAY_NS_PREFIX-up
 work=$(mktemp -d /tmp/relay-demo.XXXXXX)
 chmod 755 "$work"
 pids=()
 cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-	wait 2>/dev/null || true
+	set +e
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+	wait 2>/dev/null
+	[ -e "$G" ] && nsenter --net="$G" "$RELAY" rules delete -c "$work/relay.yaml" >/dev/null 2>&1
+	./scripts/netns-gateway.sh down
 	rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+bold() { printf '\n\033[1m%s\033[0m\n' "$*"; }
+show() { printf '\033[2m$ %s\033[0m\n' "$*"; }
+client() { show "curl ${*}"; nsenter --net="$C" curl -sS --max-time 10 "$@" 2>&1 | sed 's/^/  /'; }
 
+bold "== network: client -- gateway -- upstream (namespaces $RELAY_NS_PREFIX-*)"
+./scripts/netns-gateway.sh up
 go build -o "$work/demo-upstream" ./scripts/demo-upstream
+up() { nsenter --net="$U" "$work/demo-upstream" "$@" 2>>"$work/upstreams.log" & pids+=($!); }
+up -tls :8444 -names nas.demo.test -label "the NAS (TLS end to end)" -ca-out "$work/nas-ca.pem"
+up -http :8123 -label "the home app"
+up -tls :443 -http :80 -names www.example.net -label "www.example.net at 10.10.2.2, which has no route" -ca-out "$work/web-ca.pem"
 
-# Ports chosen away from common services; all on 127.0.0.1.
-HTTPS=28443 HTTP=28080 METRICS=29090 UP_TLS=29443 UP_HTTP=29080
-"$work/demo-upstream" -tls 127.0.0.1:$UP_TLS -names nas.demo.test -label "NAS (TLS passthrough target)" \
-	-ca-out "$work/nas-ca.pem" 2>"$work/upstream-tls.log" &
-pids+=($!)
-"$work/demo-upstream" -http 127.0.0.1:$UP_HTTP -label "home app (plain HTTP)" 2>"$work/upstream-http.log" &
-pids+=($!)
-
-mkdir -p "$work/state"
-chown nobody:nogroup "$work/state"
+mkdir -p "$work/state" && chown nobody:nogroup "$work/state"
 cat >"$work/relay.yaml" <<EOF
 user: nobody
 state_dir: $work/state
-listen: {https: "127.0.0.1:$HTTPS", http: "127.0.0.1:$HTTP", metrics: "127.0.0.1:$METRICS"}
-unknown_sni: reject
+listen: {https: ":8443", http: ":8080", metrics: "127.0.0.1:9090"}
+unknown_sni: original             # names without a route go where the client was going
+steer: {bpf: off}
 routes:
-  - match: nas.demo.test             # passthrough: TLS goes to the NAS untouched
-    passthrough: 127.0.0.1:$UP_TLS
-  - match: "*.home.demo.test"        # terminate: relay ends TLS, proxies HTTP
-    terminate: {upstream: "http://127.0.0.1:$UP_HTTP", tls: internal}
-  - match: old.demo.test
-    reject: true
+  - match: nas.demo.test          # passthrough: TLS untouched to the NAS
+    passthrough: 10.10.2.2:8444
+  - match: "*.home.demo.test"     # terminate with the internal CA, proxy plain HTTP
+    terminate: {upstream: "http://10.10.2.2:8123", tls: internal}
 EOF
+bold "== config ($work/relay.yaml)"
+sed 's/^/  /' "$work/relay.yaml"
 
-step "config ($work/relay.yaml)"
-cat "$work/relay.yaml"
-run "$RELAY" check -c "$work/relay.yaml"
+bold "== on the gateway, as root: relayctl rules apply"
+nsenter --net="$G" "$RELAY" rules apply -c "$work/relay.yaml" | sed -n '/^applied/,/^backend/p' | sed '$d;s/^/  /'
 
-step "relayctl serve, as user nobody (uid 65534), no capabilities"
-setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all --no-new-privs \
+bold "== on the gateway, as user nobody (no capabilities): relayctl serve"
+nsenter --net="$G" setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all --no-new-privs \
 	"$RELAY" serve -c "$work/relay.yaml" 2>"$work/relay.log" &
 pids+=($!)
-for _ in $(seq 50); do
-	curl -s -o /dev/null "http://127.0.0.1:$METRICS/metrics" && break
-	sleep 0.1
-done
-ps -o user,pid,rss,cmd -p "${pids[-1]}" | sed 's/^/  /'
+for _ in $(seq 100); do nsenter --net="$G" curl -sf -o /dev/null http://127.0.0.1:9090/metrics && break; sleep 0.1; done
+ps -o user=,pid=,rss=,args= -C relayctl | sed 's/^/  /;s/$/  (RSS in KB)/'
 
-resolve=(--resolve "nas.demo.test:$HTTPS:127.0.0.1" --resolve "app.home.demo.test:$HTTPS:127.0.0.1"
-	--resolve "old.demo.test:$HTTPS:127.0.0.1" --resolve "nas.demo.test:$HTTP:127.0.0.1")
+bold "1. SNI passthrough: the client talks TLS to the NAS itself (its certificate, its CA), IPv4 and IPv6"
+client --cacert "$work/nas-ca.pem" --resolve nas.demo.test:443:10.10.2.2 https://nas.demo.test/files
+client --cacert "$work/nas-ca.pem" --resolve "nas.demo.test:443:[fd10:2::2]" https://nas.demo.test/files
 
-step "1. SNI passthrough: the NAS's own certificate reaches the client (verified with the NAS's CA)"
-run curl -sS --cacert "$work/nas-ca.pem" "${resolve[@]}" "https://nas.demo.test:$HTTPS/files"
+bold "2. TLS termination at the gateway (internal CA), proxied as HTTP with X-Forwarded-*"
+cp "$work/state/ca/root.pem" "$work/relay-ca.pem"
+client --cacert "$work/relay-ca.pem" --resolve app.home.demo.test:443:10.10.1.1 https://app.home.demo.test/dashboard
 
-step "2. TLS termination with the relay's internal CA, proxied to plain HTTP with X-Forwarded-*"
-run curl -sS --http2 --cacert "$work/state/ca/root.pem" "${resolve[@]}" -w '  (client spoke HTTP/%{http_version})\n' "https://app.home.demo.test:$HTTPS/dashboard"
+bold "3. transparent: a name with no route goes to the address the client dialled"
+client --cacert "$work/web-ca.pem" --resolve www.example.net:443:10.10.2.2 https://www.example.net/
 
-step "3. a rejected name gets a TLS alert, not a hang"
-run curl -sS --cacert "$work/nas-ca.pem" "${resolve[@]}" "https://old.demo.test:$HTTPS/" || true
+bold "4. plain HTTP to a routed name: 308 to https"
+client -o /dev/null -w '%{http_code} -> %{redirect_url}\n' --resolve nas.demo.test:80:10.10.1.1 http://nas.demo.test/photos?album=1
 
-step "4. plain HTTP to a routed name: 308 to https"
-run curl -sS -o /dev/null -w '  %{http_code} -> %{redirect_url}\n' "${resolve[@]}" "http://nas.demo.test:$HTTP/path?q=1"
+bold "== relayctl rules show (on the gateway)"
+nsenter --net="$G" "$RELAY" rules show -c "$work/relay.yaml" | sed 's/^/  /'
 
-step "5. metrics (http://127.0.0.1:$METRICS/metrics, excerpt)"
-curl -s "http://127.0.0.1:$METRICS/metrics" | grep -E '^relay_(connections_total|bytes_total|clienthello_errors_total\{reason="(not_tls|malformed)"|bpf_attached)' | sed 's/^/  /'
+bold "== /metrics excerpt (127.0.0.1:9090 on the gateway)"
+nsenter --net="$G" curl -s http://127.0.0.1:9090/metrics | grep -E '^relay_(connections_total|bytes_total|bpf_attached)' | sed 's/^/  /'
 
-step "6. relayctl stats"
-run "$RELAY" stats -c "$work/relay.yaml"
+bold "== relayctl stats"
+nsenter --net="$G" "$RELAY" stats -c "$work/relay.yaml" | sed 's/^/  /'
 
-printf '\ndemo done: everything above ran as user nobody on loopback; cleaning up.\n'
+bold "demo done: cleaning up (relayctl rules delete, namespaces removed)"
