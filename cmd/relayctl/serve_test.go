@@ -171,6 +171,19 @@ routes:
 		t.Errorf("internal CA dir not created by uid 65534: %v", err)
 	}
 
+	// Editing the file reloads it: a broken edit is refused (the old
+	// routes keep serving), a good one adds the new route.
+	orig := mustRead(t, cfg)
+	os.WriteFile(cfg, []byte(orig+"  - match: broken.test\n    passthrough: no-port\n"), 0o644)
+	waitMetric(t, metrics, `relay_config_reloads_total{result="failure"} 1`)
+	os.WriteFile(cfg, []byte(orig+fmt.Sprintf("  - match: new.test\n    passthrough: %s\n", upLn.Addr())), 0o644)
+	waitMetric(t, metrics, `relay_config_reloads_total{result="success"} 1`)
+	nc, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", https), &tls.Config{ServerName: "new.test", InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatalf("route added by editing the config: %v", err)
+	}
+	nc.Close()
+
 	// stats reads the running relay's counters.
 	code, out, errs := runCLI(t, nil, "stats", "-c", cfg)
 	if code != 0 || !strings.Contains(out, "nas.test") || !strings.Contains(out, "app.test") {
@@ -188,4 +201,19 @@ func waitHTTP(t *testing.T, url string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("%s did not come up", url)
+}
+
+func waitMetric(t *testing.T, port int, line string) {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", port)); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.Contains(string(b), line) {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("metrics never showed %s", line)
 }
