@@ -2,13 +2,14 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os/user"
 	"strconv"
 	"time"
 
+	"github.com/relay-gw/relay/bpf"
 	"github.com/relay-gw/relay/internal/config"
 	"github.com/relay-gw/relay/redirect"
 )
@@ -27,6 +28,7 @@ type rulesReport struct {
 	Steered   []string              `json:"interfaces"`
 	Listeners map[string]bool       `json:"listeners_up,omitempty"`
 	BPF       string                `json:"bpf"`
+	BPFState  *bpf.Status           `json:"bpf_state,omitempty"`
 	Warnings  []string              `json:"warnings,omitempty"`
 	Options   *redirect.Options     `json:"options,omitempty"`
 }
@@ -69,14 +71,40 @@ func cmdRules(e *env, args []string) error {
 		}
 		rep.Warnings = warnings
 		rep.Options = opts
+		// BPF first: REDIRECT may exclude local destinations only once
+		// sk_lookup covers them, so there is no moment without steering.
+		bpfOn, err := applyBPF(cfg, opts.RelayUID, *dryRun, rep)
+		if err != nil {
+			return err
+		}
+		opts.ExcludeLocalDst = bpfOn
 		rep.Changes, err = redirect.Apply(fams, *opts, *dryRun)
 		if err != nil {
 			return err
+		}
+		if !bpfOn && !*dryRun {
+			if err := bpf.Delete(cfg.Steer.PinDir); err != nil {
+				return fmt.Errorf("remove BPF steering: %w", err)
+			}
 		}
 	case "delete":
 		rep.Changes, err = redirect.Delete(fams, *dryRun)
 		if err != nil {
 			return err
+		}
+		if _, err := bpf.Show(cfg.Steer.PinDir); err == nil {
+			rep.Changes = append(rep.Changes, redirect.Change{Family: "bpf", Action: "detach sk_lookup and remove pins in " + cfg.Steer.PinDir})
+			if !*dryRun {
+				if err := bpf.Delete(cfg.Steer.PinDir); err != nil {
+					return fmt.Errorf("remove BPF steering: %w", err)
+				}
+			}
+		}
+	}
+	if rep.BPFState == nil {
+		if st, err := bpf.Show(cfg.Steer.PinDir); err == nil {
+			rep.BPFState = st
+			rep.BPF = "on"
 		}
 	}
 	if rep.Chains, err = redirect.Show(fams); err != nil {
@@ -152,9 +180,6 @@ func steerOptions(cfg *config.Config, backend string) (*redirect.Options, []stri
 		}
 		o.Bypass = append(o.Bypass, p)
 	}
-	if cfg.Steer.BPF == "on" {
-		return nil, nil, errors.New("steer.bpf: on: BPF steering is not available in this build; set steer.bpf: auto or off")
-	}
 	if w := redirect.ForwardingWarning(o.IPv6); w != "" && len(cfg.Steer.Interfaces) > 0 {
 		warnings = append(warnings, w)
 	}
@@ -228,5 +253,64 @@ func printRules(e *env, rep *rulesReport) {
 		}
 		fmt.Fprintf(w, "relay listener %s: %s\n", a, state)
 	}
-	fmt.Fprintf(w, "bpf: %s\n", rep.BPF)
+	if st := rep.BPFState; st != nil {
+		fmt.Fprintf(w, "bpf: sk_lookup steering on (link %d, program %d, pins %s)\n", st.LinkID, st.ProgID, st.PinDir)
+		for _, p := range st.Ports {
+			fmt.Fprintf(w, "  port %d -> listener slot %d: steered %d, no socket %d, assign errors %d\n", p.Port, p.Slot, p.Steered, p.NoSocket, p.AssignError)
+		}
+	} else {
+		fmt.Fprintf(w, "bpf: %s\n", rep.BPF)
+	}
+}
+
+// applyBPF loads or updates sk_lookup steering per steer.bpf. It reports
+// whether BPF steering is active afterwards. With auto, a kernel without
+// the feature falls back to iptables only, saying why in one line.
+func applyBPF(cfg *config.Config, uid int, dryRun bool, rep *rulesReport) (bool, error) {
+	if cfg.Steer.BPF == "off" {
+		rep.BPF = "off (steer.bpf: off)"
+		return false, nil
+	}
+	if err := bpf.Supported(); err != nil {
+		if cfg.Steer.BPF == "on" {
+			return false, fmt.Errorf("steer.bpf: on, but %w; set steer.bpf: auto to fall back to iptables only", err)
+		}
+		rep.Warnings = append(rep.Warnings, "BPF steering unavailable, using iptables only: "+err.Error())
+		rep.BPF = "unavailable: " + err.Error()
+		return false, nil
+	}
+	var ports []bpf.Port
+	for _, p := range cfg.Steer.HTTPSPorts {
+		ports = append(ports, bpf.Port{Port: uint16(p), Slot: bpf.SlotHTTPS})
+	}
+	if cfg.Listen.HTTP != "off" {
+		for _, p := range cfg.Steer.HTTPPorts {
+			ports = append(ports, bpf.Port{Port: uint16(p), Slot: bpf.SlotHTTP})
+		}
+	}
+	if dryRun {
+		rep.Changes = append(rep.Changes, redirect.Change{Family: "bpf", Action: fmt.Sprintf("load or update sk_lookup steering for ports %v, pins in %s", cfg.Steer.HTTPSPorts, cfg.Steer.PinDir)})
+		return true, nil
+	}
+	gid := uid
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		gid, _ = strconv.Atoi(u.Gid)
+	}
+	st, err := bpf.Apply(bpf.Options{PinDir: cfg.Steer.PinDir, Ports: ports, OwnerUID: uid, OwnerGID: gid})
+	if err != nil {
+		if cfg.Steer.BPF == "on" {
+			return false, fmt.Errorf("BPF steering: %w", err)
+		}
+		rep.Warnings = append(rep.Warnings, "BPF steering failed, using iptables only: "+err.Error())
+		rep.BPF = "failed: " + err.Error()
+		return false, nil
+	}
+	action := "load sk_lookup steering"
+	if st.Updated {
+		action = "sk_lookup steering already loaded: program updated in place, ports refreshed"
+	}
+	rep.Changes = append(rep.Changes, redirect.Change{Family: "bpf", Action: action})
+	rep.BPFState = st
+	rep.BPF = "on"
+	return true, nil
 }

@@ -84,7 +84,9 @@ func cmdServe(e *env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
-	attachBPF(srv, cfg, log)
+	if st := attachBPF(srv, cfg, log); st != nil {
+		defer st.Close()
+	}
 
 	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()

@@ -47,6 +47,9 @@ type Steer struct {
 	// example but users of non-standard ports ask for it.
 	HTTPSPorts []int `yaml:"https_ports"` // default [443]
 	HTTPPorts  []int `yaml:"http_ports"`  // default [80]
+	// PinDir is where BPF state is pinned; default /sys/fs/bpf/relay. One
+	// per network namespace steered.
+	PinDir string `yaml:"pin_dir"`
 }
 
 // IPv6Enabled reports steer.ipv6 with its default (true).

@@ -151,7 +151,7 @@ var routeKeys = keySpec{
 var reflectKeys = keySpec{
 	"user": nil, "state_dir": nil, "unknown_sni": nil, "splice": nil,
 	"listen": {"http": nil, "https": nil, "metrics": nil},
-	"steer":  {"interfaces": nil, "local": nil, "ipv6": nil, "bypass": nil, "bpf": nil, "https_ports": nil, "http_ports": nil},
+	"steer":  {"interfaces": nil, "local": nil, "ipv6": nil, "bypass": nil, "bpf": nil, "https_ports": nil, "http_ports": nil, "pin_dir": nil},
 	"acme": {"email": nil, "ca": nil, "ca_root": nil, "dns": nil, "profile": nil, "key_type": nil, "challenges": nil,
 		"eab": {"kid": nil, "hmac_key": nil}},
 	"limits": {"hello_timeout": nil, "max_hello_bytes": nil, "idle_timeout": nil, "max_connections": nil,

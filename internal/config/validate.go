@@ -31,6 +31,7 @@ func (c *Config) ApplyDefaults() {
 	def(&c.UnknownSNI, "original")
 	def(&c.Splice, "auto")
 	def(&c.Steer.BPF, "auto")
+	def(&c.Steer.PinDir, "/sys/fs/bpf/relay")
 	def(&c.ACME.CA, "letsencrypt")
 	def(&c.ACME.KeyType, "ec256")
 	def(&c.Log.Level, "info")
