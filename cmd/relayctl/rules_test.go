@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
 	"os"
@@ -300,4 +301,100 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestGatewayBPFSteering: with steer.bpf: on, connections addressed to the
+// gateway itself reach the unprivileged relay through sk_lookup (no NAT:
+// the relay's socket sees the original address:443), counted in the BPF
+// map; after kill -9 of the relay the port falls back to whatever else
+// listens (fail-open); delete leaves no pins.
+func TestGatewayBPFSteering(t *testing.T) {
+	n := newGatewayNet(t)
+	fs := filepath.Join(n.dir, "bpffs")
+	os.Mkdir(fs, 0o755)
+	if err := syscall.Mount("bpf", fs, "bpf", 0, "mode=0755"); err != nil {
+		t.Fatalf("mount bpffs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(fs, syscall.MNT_DETACH) })
+	self, _ := os.Executable()
+	up := n.in("up", "env", "RELAY_TEST_HELPER=proxy-echo", self, ":7000")
+	if err := up.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Process.Kill(); up.Wait() })
+
+	cfg := n.writeConfig(t, "bpf.yaml", fmt.Sprintf(`
+user: nobody
+state_dir: %s
+listen: {https: ":8443", http: ":8080", metrics: "127.0.0.1:9090"}
+unknown_sni: reject
+steer: {bpf: on, pin_dir: %s/relay}
+routes:
+  - match: pp.test
+    passthrough: 10.10.2.2:7000
+    proxy_protocol: v1
+`, n.dir, fs))
+	out := n.run(t, "gw", relayctlBin, "rules", "apply", "-c", cfg)
+	if !strings.Contains(out, "sk_lookup steering on") {
+		t.Fatalf("rules apply with bpf: on:\n%s", out)
+	}
+	if s := n.save(t, "iptables-save"); !strings.Contains(s, "-m addrtype --dst-type LOCAL -j RETURN") {
+		t.Errorf("with BPF active, REDIRECT must leave local destinations to sk_lookup:\n%s", s)
+	}
+	t.Cleanup(func() { n.in("gw", relayctlBin, "rules", "delete", "-c", cfg).Run() })
+	fi, err := os.Stat(filepath.Join(fs, "relay", "listeners"))
+	if err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("listeners pin: %v %v, want nobody's, 0600", err, fi)
+	}
+
+	relay := n.in("gw", asNobody(relayctlBin, "serve", "-c", cfg)...)
+	var logs bytes.Buffer
+	relay.Stdout, relay.Stderr = &logs, &logs
+	if err := relay.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		relay.Process.Kill()
+		relay.Wait()
+		if t.Failed() {
+			t.Logf("relay log:\n%s", logs.String())
+		}
+	}()
+	waitIn(t, n, "gw", "curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:9090/metrics")
+
+	for _, addr := range []string{"10.10.1.1:443", "[fd10:1::1]:443"} {
+		c := n.in("client", "env", "RELAY_TEST_HELPER=hello-client", self, addr, "pp.test")
+		got, _ := c.CombinedOutput()
+		host := strings.Trim(strings.TrimSuffix(addr, ":443"), "[]")
+		if !strings.HasPrefix(string(got), "PROXY TCP") || !strings.Contains(string(got), " "+host+" ") || !strings.HasSuffix(strings.TrimSpace(string(got)), " 443") {
+			t.Errorf("%s: upstream saw %q; want a PROXY line whose destination is %s 443 (the relay's socket saw the original address)", addr, got, host)
+		}
+	}
+	metrics := n.run(t, "gw", "curl", "-s", "http://127.0.0.1:9090/metrics")
+	for _, want := range []string{`relay_bpf_attached 1`, `relay_bpf_steered_connections_total{port="443"} 2`} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s:\n%s", want, grepLines(metrics, "relay_bpf"))
+		}
+	}
+
+	// kill -9: the kernel drops the socket from the SOCKMAP; a root
+	// listener on :443 now gets the connections.
+	relay.Process.Kill()
+	relay.Wait()
+	banner := n.in("gw", "env", "RELAY_TEST_HELPER=banner", self, ":443", "root-listener")
+	bout, _ := banner.StdoutPipe()
+	if err := banner.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { banner.Process.Kill(); banner.Wait() }()
+	bufio.NewReader(bout).ReadString('\n')
+	got, _ := n.in("client", "env", "RELAY_TEST_HELPER=hello-client", self, "10.10.1.1:443", "pp.test").CombinedOutput()
+	if strings.TrimSpace(string(got)) != "root-listener" {
+		t.Errorf("after kill -9 of the relay: %q, want the root listener (fail-open)", got)
+	}
+
+	n.run(t, "gw", relayctlBin, "rules", "delete", "-c", cfg)
+	if _, err := os.Stat(filepath.Join(fs, "relay")); !os.IsNotExist(err) {
+		t.Errorf("pins left after delete: %v", err)
+	}
 }

@@ -23,6 +23,9 @@ import (
 var relayctlBin string
 
 func TestMain(m *testing.M) {
+	if mode := os.Getenv("RELAY_TEST_HELPER"); mode != "" {
+		runHelper(mode, os.Args[1:])
+	}
 	dir, err := os.MkdirTemp("", "relayctl-test")
 	if err != nil {
 		panic(err)
