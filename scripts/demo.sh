@@ -32,6 +32,7 @@ cleanup() {
 	wait 2>/dev/null
 	[ -e "$G" ] && nsenter --net="$G" "$RELAY" rules delete -c "$work/relay.yaml" >/dev/null 2>&1
 	./scripts/netns-gateway.sh down
+	umount "$work/bpffs" 2>/dev/null
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -49,13 +50,15 @@ up -tls :8444 -names nas.demo.test -label "the NAS (TLS end to end)" -ca-out "$w
 up -http :8123 -label "the home app"
 up -tls :443 -http :80 -names www.example.net -label "www.example.net at 10.10.2.2, which has no route" -ca-out "$work/web-ca.pem"
 
-mkdir -p "$work/state" && chown nobody:nogroup "$work/state"
+mkdir -p "$work/state" "$work/bpffs" && chown nobody:nogroup "$work/state"
+# A bpffs of the demo's own, so its pins never meet this machine's.
+mount -t bpf bpf "$work/bpffs"
 cat >"$work/relay.yaml" <<EOF
 user: nobody
 state_dir: $work/state
 listen: {https: ":8443", http: ":8080", metrics: "127.0.0.1:9090"}
 unknown_sni: original             # names without a route go where the client was going
-steer: {bpf: off}
+steer: {bpf: auto, pin_dir: $work/bpffs/relay}   # sk_lookup for the gateway's own addresses, REDIRECT for transit
 routes:
   - match: nas.demo.test          # passthrough: TLS untouched to the NAS
     passthrough: 10.10.2.2:8444
@@ -79,7 +82,7 @@ bold "1. SNI passthrough: the client talks TLS to the NAS itself (its certificat
 client --cacert "$work/nas-ca.pem" --resolve nas.demo.test:443:10.10.2.2 https://nas.demo.test/files
 client --cacert "$work/nas-ca.pem" --resolve "nas.demo.test:443:[fd10:2::2]" https://nas.demo.test/files
 
-bold "2. TLS termination at the gateway (internal CA), proxied as HTTP with X-Forwarded-*"
+bold "2. TLS termination at the gateway's own address (sk_lookup hands it to the relay), internal CA, X-Forwarded-*"
 cp "$work/state/ca/root.pem" "$work/relay-ca.pem"
 client --cacert "$work/relay-ca.pem" --resolve app.home.demo.test:443:10.10.1.1 https://app.home.demo.test/dashboard
 
@@ -93,7 +96,7 @@ bold "== relayctl rules show (on the gateway)"
 nsenter --net="$G" "$RELAY" rules show -c "$work/relay.yaml" | sed 's/^/  /'
 
 bold "== /metrics excerpt (127.0.0.1:9090 on the gateway)"
-nsenter --net="$G" curl -s http://127.0.0.1:9090/metrics | grep -E '^relay_(connections_total|bytes_total|bpf_attached)' | sed 's/^/  /'
+nsenter --net="$G" curl -s http://127.0.0.1:9090/metrics | grep -E '^relay_(connections_total|bytes_total|bpf_attached|bpf_steered)' | sed 's/^/  /'
 
 bold "== relayctl stats"
 nsenter --net="$G" "$RELAY" stats -c "$work/relay.yaml" | sed 's/^/  /'

@@ -4,10 +4,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
-	"net/netip"
+	"os"
 	"os/user"
 	"strconv"
-	"time"
+	"strings"
 
 	"github.com/relay-gw/relay/bpf"
 	"github.com/relay-gw/relay/internal/config"
@@ -195,21 +195,32 @@ func portOf(addr string) (uint16, error) {
 	return uint16(n), err
 }
 
-// listening reports whether something accepts on addr (as seen from here).
+// listening reports whether a socket in this network namespace listens on
+// addr's port, from /proc/net/tcp{,6}: no probe connection, so the relay
+// counts no aborted ClientHello.
 func listening(addr string) bool {
-	host, port, err := net.SplitHostPort(addr)
+	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return false
 	}
-	if ip, err := netip.ParseAddr(host); host == "" || (err == nil && ip.IsUnspecified()) {
-		host = "127.0.0.1"
-	}
-	c, err := net.DialTimeout("tcp", net.JoinHostPort(host, port), 300*time.Millisecond)
+	n, err := strconv.ParseUint(port, 10, 16)
 	if err != nil {
 		return false
 	}
-	c.Close()
-	return true
+	want := fmt.Sprintf(":%04X", n)
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fields := strings.Fields(line)
+			if len(fields) > 3 && fields[3] == "0A" && strings.HasSuffix(fields[1], want) { // 0A = LISTEN
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func printRules(e *env, rep *rulesReport) {
