@@ -1,141 +1,493 @@
 package main
 
 import (
-	"bufio"
+	"bytes"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
+	"text/template"
 	"time"
 )
 
-// Report is what `loadgen bench` measures, per path.
+// Report is what `loadgen bench` measured in one run.
 type Report struct {
-	Machine map[string]string `json:"machine"`
-	Command string            `json:"command"`
-	Paths   []*PathResult     `json:"paths"`
+	Machine  map[string]string `json:"machine"`
+	Versions map[string]string `json:"versions"`
+	Command  string            `json:"command"`
+	Settings Settings          `json:"settings"`
+	Skipped  map[string]string `json:"skipped,omitempty"` // peer → why
+	Paths    []*PathResult     `json:"paths"`
 }
 
-// PathResult is one path (direct, relay passthrough, ...).
+// Settings are the sizes and counts of the run.
+type Settings struct {
+	BulkBytes   int64   `json:"bulk_bytes"`
+	Runs        int     `json:"runs"`
+	IdleConns   int     `json:"idle_conns"`
+	LoadSeconds float64 `json:"load_seconds"`
+	Concurrency int     `json:"concurrency"`
+	RTTs        int     `json:"round_trips"`
+	Workers     int     `json:"workers"`
+}
+
+// PathResult is one path (direct, relay passthrough, a peer, ...).
 type PathResult struct {
-	Name          string   `json:"name"`
-	UpGbps        float64  `json:"up_gbit_s"`   // median
-	DownGbps      float64  `json:"down_gbit_s"` // median
-	RatioUp       float64  `json:"ratio_up"`    // to direct
-	RatioDown     float64  `json:"ratio_down"`
-	CPUSecPerGiB  float64  `json:"proxy_cpu_s_per_gib,omitempty"`
-	RTT           Latency  `json:"rtt_64b"`
-	Conns         ConnRate `json:"conns"`
-	IdleRSSKB     int64    `json:"idle_rss_kb,omitempty"`
-	LoadedRSSKB   int64    `json:"rss_with_idle_conns_kb,omitempty"`
-	KBPerIdleConn float64  `json:"kb_per_idle_conn,omitempty"`
-	AllOK         bool     `json:"all_ok"`
+	Name  string `json:"name"`
+	Kind  string `json:"kind"` // passthrough | terminate
+	Proxy string `json:"proxy,omitempty"`
+
+	// passthrough
+	UpGbps       float64 `json:"up_gbit_s,omitempty"`   // median
+	DownGbps     float64 `json:"down_gbit_s,omitempty"` // median
+	RatioUp      float64 `json:"ratio_up,omitempty"`    // to direct
+	RatioDown    float64 `json:"ratio_down,omitempty"`
+	CPUSecPerGiB float64 `json:"proxy_cpu_s_per_gib,omitempty"`
+	RTT          Latency `json:"rtt_64b"`
+	Conns        Rate    `json:"conns"`
+	RatioConns   float64 `json:"ratio_conns,omitempty"`
+
+	// terminate
+	H1            Rate    `json:"get_h1"`
+	H2            Rate    `json:"get_h2"`
+	RatioH1       float64 `json:"ratio_h1,omitempty"`
+	RatioH2       float64 `json:"ratio_h2,omitempty"`
+	CPUUsPerReqH1 float64 `json:"proxy_cpu_us_per_req_h1,omitempty"`
+	CPUUsPerReqH2 float64 `json:"proxy_cpu_us_per_req_h2,omitempty"`
+
+	IdleRSSKB     int64   `json:"idle_rss_kb,omitempty"`
+	LoadedRSSKB   int64   `json:"rss_with_idle_conns_kb,omitempty"`
+	KBPerIdleConn float64 `json:"kb_per_idle_conn,omitempty"`
+	OK            bool    `json:"ok"`
+	Error         string  `json:"error,omitempty"`
 }
 
 type benchOpts struct {
 	relay   string // relayctl binary
+	configs string // directory with the peer config templates
 	out     string // docs/BENCHMARKS.md
 	json    string
+	peers   []string
+	only    string
 	size    int64
 	runs    int
 	idle    int
-	connDur time.Duration
+	dur     time.Duration
+	conc    int
 	rttN    int
+	workers int
 	self    string // this binary
+	dir     string // scratch directory
+	quick   bool
+}
+
+// pathSpec says how to run one path.
+type pathSpec struct {
+	name, kind, proxy string
+	tmpl              string // template file in configs; "" = no proxy
+	splice            bool   // haproxy: option splice-request/-response
+	argv              func(cfg, dir string) []string
+	env               func(dir string) []string
+}
+
+func (o benchOpts) specs() []pathSpec {
+	goEnv := func(string) []string { return []string{"GOMAXPROCS=" + strconv.Itoa(o.workers)} }
+	relay := func(cfg, _ string) []string { return []string{o.relay, "serve", "-c", cfg} }
+	haproxy := func(cfg, _ string) []string { return []string{"haproxy", "-db", "-f", cfg} }
+	nginx := func(cfg, dir string) []string { return []string{"nginx", "-p", dir, "-c", cfg, "-e", "stderr"} }
+	sniproxy := func(cfg, _ string) []string { return []string{"sniproxy", "-f", "-c", cfg} }
+	caddy := func(cfg, _ string) []string {
+		return []string{"caddy", "run", "--config", cfg, "--adapter", "caddyfile"}
+	}
+	caddyEnv := func(dir string) []string {
+		return []string{"GOMAXPROCS=" + strconv.Itoa(o.workers), "HOME=" + dir,
+			"XDG_DATA_HOME=" + filepath.Join(dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "config")}
+	}
+	return []pathSpec{
+		{name: "direct", kind: "passthrough"},
+		{name: "relay passthrough (splice)", kind: "passthrough", proxy: "relay", tmpl: "relay-passthrough.yaml", argv: relay, env: goEnv},
+		{name: "haproxy tcp + splice", kind: "passthrough", proxy: "haproxy", tmpl: "haproxy-tcp.cfg", splice: true, argv: haproxy},
+		{name: "haproxy tcp", kind: "passthrough", proxy: "haproxy", tmpl: "haproxy-tcp.cfg", argv: haproxy},
+		{name: "nginx stream ssl_preread", kind: "passthrough", proxy: "nginx", tmpl: "nginx-stream.conf", argv: nginx},
+		{name: "sniproxy", kind: "passthrough", proxy: "sniproxy", tmpl: "sniproxy.conf", argv: sniproxy},
+		{name: "direct (Go HTTPS server)", kind: "terminate"},
+		{name: "relay terminate", kind: "terminate", proxy: "relay", tmpl: "relay-terminate.yaml", argv: relay, env: goEnv},
+		{name: "haproxy TLS", kind: "terminate", proxy: "haproxy", tmpl: "haproxy-tls.cfg", argv: haproxy},
+		{name: "nginx TLS", kind: "terminate", proxy: "nginx", tmpl: "nginx-tls.conf", argv: nginx},
+		{name: "caddy tls internal", kind: "terminate", proxy: "caddy", tmpl: "Caddyfile", argv: caddy, env: caddyEnv},
+	}
+}
+
+// tmplData fills the peer config templates in scripts/bench/.
+type tmplData struct {
+	Listen       string // host:port the proxy listens on
+	ListenHost   string
+	ListenPort   string
+	Metrics      string // relay metrics listener
+	Upstream     string // TLS endpoint (passthrough target)
+	HTTPUpstream string // plain HTTP endpoint (terminate target)
+	Dir          string // scratch directory of this proxy
+	Cert, Key    string // PEM files (certificate of bench.test and term.test)
+	CertKey      string // both in one file (HAProxy)
+	Workers      int    // = nproc = the relay's GOMAXPROCS
+	Splice       bool
 }
 
 func benchMain(args []string) {
 	fs := flag.NewFlagSet("bench", flag.ExitOnError)
 	o := benchOpts{}
 	fs.StringVar(&o.relay, "relay", "bin/relayctl", "relayctl binary")
+	fs.StringVar(&o.configs, "configs", "scripts/bench", "directory with the proxies' config templates")
 	fs.StringVar(&o.out, "out", "", "write the markdown report here (e.g. docs/BENCHMARKS.md)")
 	fs.StringVar(&o.json, "json", "bench-results.json", "write JSON results here")
-	quick := fs.Bool("quick", false, "tiny sizes: a functional check of every path, not a measurement")
+	peers := fs.String("peers", "auto", "peer proxies to run: auto (those installed), none, or a list like haproxy,nginx,sniproxy,caddy")
+	fs.StringVar(&o.only, "only", "", "run only paths whose name contains this (debugging)")
+	fs.BoolVar(&o.quick, "quick", false, "tiny sizes: a functional check of every path, not a measurement")
+	command := fs.String("command", "make bench", "command recorded in the report")
 	fs.Parse(args)
-	o.size, o.runs, o.idle, o.connDur, o.rttN = 1<<30, 3, 1000, 3*time.Second, 5000
-	if *quick {
-		o.size, o.runs, o.idle, o.connDur, o.rttN = 8<<20, 1, 50, 300*time.Millisecond, 200
+	o.size, o.runs, o.idle, o.dur, o.conc, o.rttN = 1<<30, 3, 1000, 3*time.Second, 32, 5000
+	if o.quick {
+		o.size, o.runs, o.idle, o.dur, o.rttN = 4<<20, 1, 20, 200*time.Millisecond, 100
 	}
+	o.workers = runtime.NumCPU()
 	o.self, _ = os.Executable()
-	rep, err := runBench(o)
+	var err error
+	if o.dir, err = os.MkdirTemp("", "relay-bench-"); err != nil {
+		log.Fatal(err)
+	}
+	os.Chmod(o.dir, 0o755) // proxies that drop privileges read their files here
+	cleanup := func() { stopAll(); os.RemoveAll(o.dir) }
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		s := <-sig
+		log.Printf("%v: stopping every process started", s)
+		cleanup()
+		os.Exit(1)
+	}()
+
+	rep := &Report{Machine: machineFacts(), Versions: map[string]string{}, Skipped: map[string]string{}, Command: *command}
+	rep.Settings = Settings{BulkBytes: o.size, Runs: o.runs, IdleConns: o.idle, LoadSeconds: o.dur.Seconds(),
+		Concurrency: o.conc, RTTs: o.rttN, Workers: o.workers}
+	switch *peers {
+	case "none":
+	case "auto":
+		for _, p := range []string{"haproxy", "nginx", "sniproxy", "caddy"} {
+			if _, err := exec.LookPath(p); err != nil {
+				rep.Skipped[p] = "not installed"
+				continue
+			}
+			o.peers = append(o.peers, p)
+		}
+	default:
+		o.peers = strings.Split(*peers, ",")
+	}
+	rep.Versions["relay"] = version(o.relay, "version")
+	for _, p := range o.peers {
+		rep.Versions[p] = peerVersion(p)
+	}
+	err = runBench(o, rep)
+	cleanup()
 	if err != nil {
 		log.Fatal(err)
 	}
-	rep.Command = "make bench" + map[bool]string{true: " QUICK=1", false: ""}[*quick]
 	table := rep.markdown()
-	fmt.Print(table)
+	fmt.Print("\n" + table)
 	if o.json != "" {
 		b, _ := json.MarshalIndent(rep, "", "  ")
-		os.WriteFile(o.json, b, 0o644)
+		if err := os.WriteFile(o.json, append(b, '\n'), 0o644); err != nil {
+			log.Fatal(err)
+		}
+	}
+	failed := false
+	for _, p := range rep.Paths {
+		if !p.OK {
+			failed = true
+			log.Printf("path %q failed, its figures are not valid: %s", p.Name, p.Error)
+		}
+	}
+	if failed {
+		os.Exit(1)
 	}
 	if o.out != "" {
 		if err := writeBenchDoc(o.out, table); err != nil {
 			log.Fatal(err)
 		}
 	}
-	for _, p := range rep.Paths {
-		if !p.AllOK {
-			log.Fatalf("path %s moved wrong bytes or failed: the figures are not valid", p.Name)
-		}
-	}
 }
 
-func freeAddr() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+func version(argv ...string) string {
+	out, _ := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	return strings.TrimSpace(line)
+}
+
+func peerVersion(p string) string {
+	switch p {
+	case "haproxy":
+		return version("haproxy", "-v")
+	case "nginx":
+		return version("nginx", "-v")
+	case "sniproxy":
+		return version("sniproxy", "-V")
+	case "caddy":
+		return version("caddy", "version")
+	}
+	return ""
+}
+
+func freeAddr() (string, error) {
+	l, err := listen("127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+func mustFree() string {
+	a, err := freeAddr()
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return a
 }
 
-// proc is a process the bench started; stop kills it.
-type proc struct{ cmd *exec.Cmd }
-
-func start(name string, args ...string) (*proc, *bufio.Reader, error) {
-	cmd := exec.Command(name, args...)
-	cmd.Stderr = os.Stderr
-	out, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		return nil, nil, err
+func runBench(o benchOpts, rep *Report) error {
+	up := struct{ tls, http, https string }{mustFree(), mustFree(), mustFree()}
+	upDir := filepath.Join(o.dir, "upstream")
+	os.MkdirAll(upDir, 0o755)
+	srv, out, err := startPiped("loadgen serve", o.self, "serve", "-addr", up.tls, "-http-addr", up.http,
+		"-https-addr", up.https, "-cert-dir", upDir)
+	if err != nil {
+		return err
 	}
-	return &proc{cmd}, bufio.NewReader(out), nil
-}
+	if line, _ := out.ReadString('\n'); !strings.HasPrefix(line, "ready") {
+		return errors.New("loadgen serve did not start")
+	}
+	go io.Copy(io.Discard, out)
+	defer srv.stop()
 
-func (p *proc) stop() {
-	p.cmd.Process.Kill()
-	p.cmd.Wait()
-}
-
-func (p *proc) rssKB() int64 {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return n
+	var direct, directTerm *PathResult
+	for _, s := range o.specs() {
+		if s.proxy != "" && s.proxy != "relay" && !slices.Contains(o.peers, s.proxy) {
+			continue
+		}
+		if o.only != "" && !strings.Contains(s.name, o.only) && !strings.HasPrefix(s.name, "direct") {
+			continue
+		}
+		fmt.Fprintf(os.Stderr, "bench: %s ...\n", s.name)
+		r := &PathResult{Name: s.name, Kind: s.kind, Proxy: s.proxy, OK: true}
+		err := o.runPath(s, r, up.tls, up.http, up.https, upDir)
+		if err != nil {
+			r.OK, r.Error = false, err.Error()
+			fmt.Fprintf(os.Stderr, "bench: %s: FAILED: %v\n", s.name, err)
+		}
+		switch s.name {
+		case "direct":
+			direct = r
+		case "direct (Go HTTPS server)":
+			directTerm = r
+		}
+		rep.Paths = append(rep.Paths, r)
+	}
+	ratio := func(v, d float64) float64 {
+		if d == 0 {
+			return 0
+		}
+		return v / d
+	}
+	for _, r := range rep.Paths {
+		if r.Kind == "passthrough" && direct != nil && r != direct {
+			r.RatioUp, r.RatioDown = ratio(r.UpGbps, direct.UpGbps), ratio(r.DownGbps, direct.DownGbps)
+			r.RatioConns = ratio(r.Conns.PerSec, direct.Conns.PerSec)
+		}
+		if r.Kind == "terminate" && directTerm != nil && r != directTerm {
+			r.RatioH1, r.RatioH2 = ratio(r.H1.PerSec, directTerm.H1.PerSec), ratio(r.H2.PerSec, directTerm.H2.PerSec)
 		}
 	}
-	return 0
+	return nil
 }
 
-// cpuSeconds is user+system CPU time of the process so far.
-func (p *proc) cpuSeconds() float64 {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100 // USER_HZ
+// runPath starts the path's proxy (if any), measures it and stops it.
+func (o benchOpts) runPath(s pathSpec, r *PathResult, upTLS, upHTTP, upHTTPS, upDir string) error {
+	addr, sni := upTLS, "bench.test"
+	if s.kind == "terminate" {
+		addr, sni = upHTTPS, "term.test"
+	}
+	var p *proc
+	if s.tmpl != "" {
+		dir := filepath.Join(o.dir, strings.NewReplacer(" ", "-", "(", "", ")", "", "+", "").Replace(s.name))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		os.Chmod(dir, 0o777) // sniproxy writes its pid file here as nobody
+		addr = mustFree()
+		host, port, _ := net.SplitHostPort(addr)
+		d := tmplData{Listen: addr, ListenHost: host, ListenPort: port, Metrics: mustFree(), Upstream: upTLS,
+			HTTPUpstream: upHTTP, Dir: dir, Cert: filepath.Join(upDir, "cert.pem"), Key: filepath.Join(upDir, "key.pem"),
+			CertKey: filepath.Join(upDir, "cert+key.pem"), Workers: o.workers, Splice: s.splice}
+		cfg, err := render(filepath.Join(o.configs, s.tmpl), filepath.Join(dir, s.tmpl), d)
+		if err != nil {
+			return err
+		}
+		var env []string
+		if s.env != nil {
+			env = s.env(dir)
+		}
+		if p, err = start(s.name, filepath.Join(dir, "log"), env, s.argv(cfg, dir)...); err != nil {
+			return err
+		}
+		defer p.stop()
+		if err := waitReady(p, addr, sni, s.kind); err != nil {
+			return err
+		}
+		time.Sleep(time.Second) // settle before the idle RSS reading
+		r.IdleRSSKB = p.rssKB()
+		loaded, err := o.holdIdle(p, addr, sni, s.kind == "terminate")
+		if err != nil {
+			return err
+		}
+		r.LoadedRSSKB = loaded
+		r.KBPerIdleConn = float64(r.LoadedRSSKB-r.IdleRSSKB) / float64(o.idle)
+		time.Sleep(200 * time.Millisecond) // let the proxy see the closes
+	}
+	cpu := func() float64 {
+		if p == nil {
+			return 0
+		}
+		return p.cpuSeconds()
+	}
+	if s.kind == "passthrough" {
+		var ups, downs []float64
+		c0 := cpu()
+		for i := 0; i < o.runs; i++ {
+			for _, dir := range []string{"up", "down"} {
+				b, err := bulk(addr, sni, o.size, dir)
+				if err != nil {
+					return fmt.Errorf("bulk %s: %w", dir, err)
+				}
+				if !b.OK {
+					return fmt.Errorf("bulk %s: bytes arrived changed or short", dir)
+				}
+				if dir == "up" {
+					ups = append(ups, b.Gbps)
+				} else {
+					downs = append(downs, b.Gbps)
+				}
+			}
+		}
+		if p != nil {
+			r.CPUSecPerGiB = (cpu() - c0) / (float64(2*o.runs) * float64(o.size) / (1 << 30))
+		}
+		r.UpGbps, r.DownGbps = median(ups), median(downs)
+		var err error
+		if r.RTT, err = rtt(addr, sni, o.rttN); err != nil {
+			return fmt.Errorf("rtt: %w", err)
+		}
+		if r.Conns = conns(addr, sni, o.conc, o.dur); !r.Conns.OK {
+			return fmt.Errorf("conns: %d errors (%s)", r.Conns.Errors, r.Conns.FirstErr)
+		}
+		return nil
+	}
+	for _, proto := range []string{"h1", "h2"} {
+		c0 := cpu()
+		g := getLoad(addr, sni, proto, o.conc, o.dur)
+		if !g.OK {
+			return fmt.Errorf("GET %s: %d errors (%s)", proto, g.Errors, g.FirstErr)
+		}
+		var us float64
+		if p != nil {
+			us = (cpu() - c0) * 1e6 / float64(g.Count)
+		}
+		if proto == "h1" {
+			r.H1, r.CPUUsPerReqH1 = g, us
+		} else {
+			r.H2, r.CPUUsPerReqH2 = g, us
+		}
+	}
+	return nil
+}
+
+func render(src, dst string, d tmplData) (string, error) {
+	t, err := template.ParseFiles(src)
+	if err != nil {
+		return "", fmt.Errorf("parse template: %w", err)
+	}
+	var b bytes.Buffer
+	if err := t.Execute(&b, d); err != nil {
+		return "", fmt.Errorf("render %s: %w", src, err)
+	}
+	if err := os.WriteFile(dst, b.Bytes(), 0o644); err != nil {
+		return "", fmt.Errorf("write config: %w", err)
+	}
+	return dst, nil
+}
+
+// waitReady waits until a request through the proxy works end to end.
+func waitReady(p *proc, addr, sni, kind string) error {
+	deadline := time.Now().Add(15 * time.Second)
+	var err error
+	for time.Now().Before(deadline) {
+		if p.exited() {
+			return fmt.Errorf("%s exited at start:\n%s", p.name, p.tail())
+		}
+		var c net.Conn
+		if c, err = dial(addr, sni); err == nil {
+			c.Close()
+			if kind == "terminate" {
+				r := getLoad(addr, sni, "h1", 1, time.Millisecond)
+				if r.OK {
+					return nil
+				}
+				err = errors.New(r.FirstErr)
+			} else if r := conns(addr, sni, 1, time.Millisecond); r.OK {
+				return nil
+			} else {
+				err = errors.New(r.FirstErr)
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not ready: %v\n%s", p.name, err, p.tail())
+}
+
+// holdIdle opens o.idle established TLS connections through the proxy in
+// a helper process and returns the proxy's RSS while they are held.
+func (o benchOpts) holdIdle(p *proc, addr, sni string, httpMode bool) (int64, error) {
+	args := []string{o.self, "idle", "-addr", addr, "-sni", sni, "-n", strconv.Itoa(o.idle)}
+	if httpMode {
+		args = append(args, "-http")
+	}
+	h, out, err := startPiped("idle holder", args...)
+	if err != nil {
+		return 0, err
+	}
+	defer h.stop()
+	ready := make(chan string, 1)
+	go func() { line, _ := out.ReadString('\n'); ready <- line }()
+	select {
+	case line := <-ready:
+		if !strings.HasPrefix(line, "ready") {
+			return 0, fmt.Errorf("idle connections through %s failed (see above)", p.name)
+		}
+	case <-time.After(2 * time.Minute):
+		return 0, fmt.Errorf("idle connections through %s: timeout", p.name)
+	}
+	time.Sleep(500 * time.Millisecond)
+	return p.rssKB(), nil
 }
 
 func median(v []float64) float64 {
@@ -145,102 +497,6 @@ func median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
 	return s[len(s)/2]
-}
-
-func (o benchOpts) measure(name, addr string, proxy *proc) *PathResult {
-	r := &PathResult{Name: name, AllOK: true}
-	var up, down []float64
-	var cpu float64
-	for i := 0; i < o.runs; i++ {
-		var c0 float64
-		if proxy != nil {
-			c0 = proxy.cpuSeconds()
-		}
-		u := bulk(addr, "bench.test", o.size, "up")
-		d := bulk(addr, "bench.test", o.size, "down")
-		if proxy != nil {
-			cpu += proxy.cpuSeconds() - c0
-		}
-		up, down = append(up, u.Gbps), append(down, d.Gbps)
-		r.AllOK = r.AllOK && u.OK && d.OK
-	}
-	r.UpGbps, r.DownGbps = median(up), median(down)
-	if proxy != nil {
-		r.CPUSecPerGiB = cpu / (float64(2*o.runs) * float64(o.size) / (1 << 30))
-	}
-	r.RTT = rtt(addr, "bench.test", o.rttN)
-	r.Conns = conns(addr, "bench.test", 32, o.connDur)
-	r.AllOK = r.AllOK && r.RTT.OK && r.Conns.OK
-	if proxy != nil {
-		r.IdleRSSKB = proxy.rssKB()
-		p, out, err := start(o.self, "idle", "-addr", addr, "-sni", "bench.test", "-n", strconv.Itoa(o.idle))
-		if err == nil {
-			line, _ := out.ReadString('\n')
-			if strings.HasPrefix(line, "ready") {
-				time.Sleep(500 * time.Millisecond)
-				r.LoadedRSSKB = proxy.rssKB()
-				r.KBPerIdleConn = float64(r.LoadedRSSKB-r.IdleRSSKB) / float64(o.idle)
-			} else {
-				r.AllOK = false
-			}
-			p.stop()
-		}
-	}
-	return r
-}
-
-func runBench(o benchOpts) (*Report, error) {
-	rep := &Report{Machine: machineFacts()}
-	upAddr := freeAddr()
-	srv, out, err := start(o.self, "serve", "-addr", upAddr, "-sni", "bench.test")
-	if err != nil {
-		return nil, err
-	}
-	defer srv.stop()
-	if line, _ := out.ReadString('\n'); !strings.HasPrefix(line, "ready") {
-		return nil, fmt.Errorf("loadgen serve did not start")
-	}
-	go io.Copy(io.Discard, out)
-
-	direct := o.measure("direct", upAddr, nil)
-	rep.Paths = append(rep.Paths, direct)
-
-	dir, _ := os.MkdirTemp("", "relay-bench")
-	defer os.RemoveAll(dir)
-	relayAddr, metrics := freeAddr(), freeAddr()
-	cfg := filepath.Join(dir, "relay.yaml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir: %s
-listen: {https: %q, http: "off", metrics: %q}
-unknown_sni: reject
-log: {level: warn}
-routes:
-  - match: bench.test
-    passthrough: %s
-`, dir, relayAddr, metrics, upAddr)), 0o644)
-	relay, _, err := start(o.relay, "serve", "-c", cfg)
-	if err != nil {
-		return nil, err
-	}
-	defer relay.stop()
-	for i := 0; i < 100; i++ {
-		if resp, err := http.Get("http://" + metrics + "/metrics"); err == nil {
-			resp.Body.Close()
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	time.Sleep(time.Second) // settle before the idle RSS reading
-	idleRSS := relay.rssKB()
-	p := o.measure("relay passthrough (splice)", relayAddr, relay)
-	// Per-connection memory against the idle reading: growth left by the
-	// bulk runs counts against the connections (a conservative figure).
-	p.IdleRSSKB = idleRSS
-	p.KBPerIdleConn = float64(p.LoadedRSSKB-idleRSS) / float64(o.idle)
-	rep.Paths = append(rep.Paths, p)
-	for _, r := range rep.Paths[1:] {
-		r.RatioUp, r.RatioDown = r.UpGbps/direct.UpGbps, r.DownGbps/direct.DownGbps
-	}
-	return rep, nil
 }
 
 func machineFacts() map[string]string {
@@ -256,50 +512,13 @@ func machineFacts() map[string]string {
 			}
 		}
 	}
-	m["date"] = time.Now().UTC().Format("2006-01-02")
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		line, _, _ := strings.Cut(string(b), "\n")
+		m["memory"] = strings.Join(strings.Fields(strings.TrimPrefix(line, "MemTotal:")), " ")
+	}
+	if b, err := os.ReadFile("/etc/debian_version"); err == nil {
+		m["debian"] = strings.TrimSpace(string(b))
+	}
+	m["date"] = time.Now().UTC().Format("2006-01-02 15:04 UTC")
 	return m
-}
-
-func (r *Report) markdown() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "Machine: %s CPUs (%s), Linux %s, %s, %s. Command: `%s`.\n\n",
-		r.Machine["cpus"], r.Machine["cpu"], r.Machine["kernel"], r.Machine["go"], r.Machine["date"], r.Command)
-	fmt.Fprintln(&b, "| path | bulk up Gbit/s (× direct) | bulk down Gbit/s (× direct) | proxy CPU s/GiB | 64 B RTT p50 / p99 µs | new TLS conns/s (p50 / p99 ms) | idle RSS | RSS + idle conns | KB per idle conn |")
-	fmt.Fprintln(&b, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-	for _, p := range r.Paths {
-		ratio := func(v, x float64) string {
-			if x == 0 {
-				return fmt.Sprintf("%.2f", v)
-			}
-			return fmt.Sprintf("%.2f (%.2f×)", v, x)
-		}
-		cpu, rss, loaded, per := "—", "—", "—", "—"
-		if p.CPUSecPerGiB > 0 {
-			cpu = fmt.Sprintf("%.2f", p.CPUSecPerGiB)
-		}
-		if p.IdleRSSKB > 0 {
-			rss = fmt.Sprintf("%.1f MB", float64(p.IdleRSSKB)/1024)
-			loaded = fmt.Sprintf("%.1f MB", float64(p.LoadedRSSKB)/1024)
-			per = fmt.Sprintf("%.1f", p.KBPerIdleConn)
-		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %.0f / %.0f | %.0f (%.2f / %.2f) | %s | %s | %s |\n",
-			p.Name, ratio(p.UpGbps, p.RatioUp), ratio(p.DownGbps, p.RatioDown), cpu, p.RTT.P50, p.RTT.P99,
-			p.Conns.PerSec, p.Conns.P50/1000, p.Conns.P99/1000, rss, loaded, per)
-	}
-	return b.String()
-}
-
-// writeBenchDoc replaces the generated section of the markdown file,
-// keeping the hand-written notes around it.
-func writeBenchDoc(path, table string) error {
-	const begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-	old, _ := os.ReadFile(path)
-	s := string(old)
-	i, j := strings.Index(s, begin), strings.Index(s, end)
-	if i < 0 || j < i {
-		s = "# Benchmarks\n\n" + begin + "\n" + end + "\n"
-		i, j = strings.Index(s, begin), strings.Index(s, end)
-	}
-	s = s[:i+len(begin)] + "\n" + table + s[j:]
-	return os.WriteFile(path, []byte(s), 0o644)
 }
