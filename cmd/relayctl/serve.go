@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/relay-gw/relay/acme"
 	"github.com/relay-gw/relay/internal/config"
@@ -74,13 +76,24 @@ func cmdServe(e *env, args []string) error {
 	log := newLogger(cfg.Log, e.stderr)
 	slog.SetDefault(log)
 
+	reg := newRegistry()
 	certs := &certSources{stateDir: cfg.StateDir, log: log}
-	srv, err := relay.New(relay.Options{
+	mgr, err := newACME(cfg, reg, log)
+	if err != nil {
+		return err
+	}
+	certs.acme = mgr
+	opts := relay.Options{
 		Config:      cfg,
 		Certs:       certs.forRoute,
 		OriginalDst: relay.SOOriginalDst,
 		Logger:      log,
-	})
+		Registry:    reg,
+	}
+	if mgr != nil {
+		opts.HTTPChallenges, opts.ALPNChallenges = mgr, mgr
+	}
+	srv, err := relay.New(opts)
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
@@ -90,6 +103,10 @@ func cmdServe(e *env, args []string) error {
 
 	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()
+	if mgr != nil {
+		mgr.SetNames(acmeNames(cfg))
+		go mgr.Run(ctx)
+	}
 	go watchReload(ctx, cfg.Path, srv, certs, log)
 	return srv.Serve(ctx)
 }
@@ -124,6 +141,10 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 		certs.setStateDir(cfg.StateDir)
 		if err := srv.Reload(cfg); err != nil {
 			log.Error("reload refused; the previous config keeps serving", "why", why, "err", err)
+			return
+		}
+		if certs.acme != nil {
+			certs.acme.SetNames(acmeNames(cfg))
 		}
 	}
 	// Debounce: editors write several events per save.
@@ -166,6 +187,7 @@ type certSources struct {
 	ca       *acme.InternalCA
 	caDir    string
 	warned   bool
+	acme     *acme.Manager // nil without acme.email
 }
 
 func (c *certSources) setStateDir(d string) {
@@ -194,8 +216,11 @@ func (c *certSources) forRoute(r *config.Route) (relay.CertSource, error) {
 	case "files":
 		return acme.NewFileSource(r.Terminate.TLS.Cert, r.Terminate.TLS.Key)
 	case "acme":
+		if c.acme != nil {
+			return c.acme, nil
+		}
 		if !c.warned {
-			c.log.Warn("tls: acme routes use the internal CA: ACME issuance is not wired into serve yet", "route", r.Match)
+			c.log.Warn("tls: acme without acme.email: using the internal CA (set acme.email for publicly trusted certificates)", "route", r.Match)
 			c.warned = true
 		}
 		return c.internalCA()
@@ -204,4 +229,47 @@ func (c *certSources) forRoute(r *config.Route) (relay.CertSource, error) {
 	default:
 		return nil, errors.New("unknown tls mode " + r.Terminate.TLS.Mode)
 	}
+}
+
+// newRegistry is the /metrics registry: the relay's series plus the Go
+// runtime and process collectors.
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// newACME builds the ACME manager when acme.email is set.
+func newACME(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (*acme.Manager, error) {
+	if cfg.ACME.Email == "" || len(acmeNames(cfg)) == 0 {
+		return nil, nil
+	}
+	dns, err := dnsProvider(cfg.ACME.DNS)
+	if err != nil {
+		return nil, err
+	}
+	o := acme.Options{
+		Email: cfg.ACME.Email, CA: cfg.ACME.CA, CARoot: cfg.ACME.CARoot, Profile: cfg.ACME.Profile,
+		KeyType: cfg.ACME.KeyType, StateDir: cfg.StateDir, Challenges: cfg.ACME.Challenges,
+		Logger: log, Registry: reg,
+	}
+	if dns != nil {
+		o.DNS = dns
+	}
+	m, err := acme.NewManager(o)
+	if err != nil {
+		return nil, fmt.Errorf("acme: %w", err)
+	}
+	return m, nil
+}
+
+// acmeNames are the matches of the tls: acme routes.
+func acmeNames(cfg *config.Config) []string {
+	var names []string
+	for _, r := range cfg.Routes {
+		if r.Terminate != nil && r.Terminate.TLS.Mode == "acme" {
+			names = append(names, config.NormalizeName(r.Match))
+		}
+	}
+	return names
 }
