@@ -34,6 +34,7 @@ func dnsProvider(name string) (challenge.Provider, error) {
 	}
 	mk, ok := dnsProviders[name]
 	if !ok {
+		return nil, fmt.Errorf("acme.dns %q is not built in (built in: cloudflare, desec, digitalocean, duckdns, exec, hetzner, httpreq; exec and httpreq reach any DNS host)", name)
 	}
 	p, err := mk()
 	if err != nil {
