@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"math/big"
+	"net"
 	"testing"
 	"time"
 )
@@ -29,3 +30,5 @@ func selfSignedForTest(t *testing.T, name string) tls.Certificate {
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
+
+func testListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
