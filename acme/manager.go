@@ -21,10 +21,12 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	acmeapi "github.com/go-acme/lego/v4/acme"
 	"github.com/go-acme/lego/v4/certcrypto"
 	"github.com/go-acme/lego/v4/certificate"
 	"github.com/go-acme/lego/v4/challenge"
@@ -68,6 +70,9 @@ type Options struct {
 	// DNSResolvers checks DNS-01 propagation against these (host:port)
 	// instead of the system resolvers.
 	DNSResolvers []string
+	// EABKID and EABHMAC bind the account to an external account (CAs
+	// such as ZeroSSL or a corporate step-ca require it).
+	EABKID, EABHMAC string
 }
 
 // Manager obtains and renews certificates for a set of names and serves
@@ -166,6 +171,9 @@ type state struct {
 	NextAttempt time.Time `json:"next_attempt"`
 	LastError   string    `json:"last_error,omitempty"`
 	LastSuccess time.Time `json:"last_success,omitempty"`
+	// ARI (RFC 9773): the CA's suggested renewal time, and when to ask again.
+	ARIRenewAt   time.Time `json:"ari_renew_at,omitempty"`
+	ARINextCheck time.Time `json:"ari_next_check,omitempty"`
 }
 
 func (m *Manager) loadState(name string) state {
@@ -388,7 +396,14 @@ func (m *Manager) legoClient() (*lego.Client, error) {
 		c.Challenge.SetDNS01Provider(m.o.DNS, opts...)
 	}
 	if acct.Reg == nil {
-		reg, err := c.Registration.Register(registration.RegisterOptions{TermsOfServiceAgreed: true})
+		var reg *registration.Resource
+		var err error
+		if m.o.EABKID != "" {
+			reg, err = c.Registration.RegisterWithExternalAccountBinding(registration.RegisterEABOptions{
+				TermsOfServiceAgreed: true, Kid: m.o.EABKID, HmacEncoded: m.o.EABHMAC})
+		} else {
+			reg, err = c.Registration.Register(registration.RegisterOptions{TermsOfServiceAgreed: true})
+		}
 		if err != nil {
 			return nil, fmt.Errorf("acme: register account %s at %s: %w", m.o.Email, m.o.CA, err)
 		}
@@ -422,7 +437,9 @@ func backoff(n int) time.Duration {
 	return d + time.Duration(j.Int64())
 }
 
-// due reports whether name needs an order now.
+// due reports whether name needs an order now: no certificate, or the
+// renewal time has come (the CA's ARI suggestion when it gave one, else a
+// third of the lifetime before expiry), and no backoff in force.
 func (m *Manager) due(name string, now time.Time) bool {
 	st := m.loadState(name)
 	if now.Before(st.NextAttempt) {
@@ -431,7 +448,65 @@ func (m *Manager) due(name string, now time.Time) bool {
 	m.mu.RLock()
 	c := m.certs[name]
 	m.mu.RUnlock()
-	return c == nil || !now.Before(renewAt(c.Leaf, name))
+	if c == nil {
+		return true
+	}
+	at := renewAt(c.Leaf, name)
+	if !st.ARIRenewAt.IsZero() && st.ARIRenewAt.Before(c.Leaf.NotAfter) {
+		at = st.ARIRenewAt
+	}
+	return !now.Before(at)
+}
+
+// refreshARI asks the CA when to renew name (ACME Renewal Information),
+// at most as often as the CA's Retry-After (default 6h). A CA without ARI
+// leaves the 1/3-lifetime rule in force.
+func (m *Manager) refreshARI(name string, now time.Time) {
+	st := m.loadState(name)
+	m.mu.RLock()
+	c := m.certs[name]
+	m.mu.RUnlock()
+	if c == nil || now.Before(st.ARINextCheck) || c.Leaf == nil || len(c.Certificate) < 2 {
+		return
+	}
+	client, err := m.legoClient()
+	if err != nil {
+		return
+	}
+	st.ARINextCheck = now.Add(24 * time.Hour)
+	ri, err := client.Certificate.GetRenewalInfo(certificate.RenewalInfoRequest{Cert: c.Leaf})
+	if err == nil {
+		if at := ri.ShouldRenewAt(now, m.o.CheckEvery); at != nil {
+			st.ARIRenewAt = *at
+		} else {
+			// Window is later than our next check: aim at its start.
+			st.ARIRenewAt = ri.SuggestedWindow.Start
+		}
+		next := 6 * time.Hour
+		if ri.RetryAfter > 0 {
+			next = ri.RetryAfter
+		}
+		st.ARINextCheck = now.Add(next)
+		m.log.Debug("acme: renewal info", "name", name, "renew_at", st.ARIRenewAt)
+	} else {
+		m.log.Debug("acme: no renewal info (ARI) from the CA; renewing at 1/3 of the lifetime", "name", name, "err", err)
+	}
+	m.saveState(name, st)
+}
+
+// retryAfter returns the wait a rate-limited CA asked for, if any.
+func retryAfter(err error) time.Duration {
+	var rl *acmeapi.RateLimitedError
+	if !errors.As(err, &rl) || rl.RetryAfter == "" {
+		return 0
+	}
+	if secs, err := strconv.Atoi(strings.TrimSpace(rl.RetryAfter)); err == nil {
+		return time.Duration(secs) * time.Second
+	}
+	if t, err := http.ParseTime(rl.RetryAfter); err == nil {
+		return time.Until(t)
+	}
+	return 0
 }
 
 // obtain orders a certificate for name and installs it. A failure keeps
@@ -462,13 +537,14 @@ func (m *Manager) obtain(name string, force bool) error {
 		m.orders.WithLabelValues("failure").Inc()
 		st.Failures++
 		st.LastError = err.Error()
-		st.NextAttempt = time.Now().Add(backoff(st.Failures))
+		st.NextAttempt = time.Now().Add(max(backoff(st.Failures), retryAfter(err)))
 		m.saveState(name, st)
 		m.log.Error("acme: order failed; the current certificate (if any) keeps serving", "name", name, "retry_at", st.NextAttempt.Format(time.RFC3339), "err", err)
 		return err
 	}
 	m.orders.WithLabelValues("success").Inc()
 	m.saveState(name, state{LastSuccess: time.Now()})
+	m.refreshARI(name, time.Now())
 	return nil
 }
 
@@ -536,6 +612,7 @@ func (m *Manager) Run(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
+			m.refreshARI(n, time.Now())
 			m.obtain(n, m.takeRenewRequest(n))
 		}
 		select {
@@ -579,6 +656,7 @@ func (m *Manager) CheckNow() {
 	names := slices.Clone(m.names)
 	m.mu.RUnlock()
 	for _, n := range names {
+		m.refreshARI(n, time.Now())
 		m.obtain(n, m.takeRenewRequest(n))
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	acmeapi "github.com/go-acme/lego/v4/acme"
 	"github.com/go-acme/lego/v4/challenge/dns01"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -188,6 +189,9 @@ func TestACMEWithPebble(t *testing.T) {
 			if v := g.GetGauge().GetValue(); v != float64(leaf.NotAfter.Unix()) {
 				t.Errorf("expiry metric %v, want %d", v, leaf.NotAfter.Unix())
 			}
+			if st := m.loadState(tc.name); st.ARIRenewAt.IsZero() || !st.ARIRenewAt.Before(leaf.NotAfter) || st.ARINextCheck.IsZero() {
+				t.Errorf("no ACME renewal info recorded: %+v", st)
+			}
 			if fi, err := os.Stat(filepath.Join(m.certDir(tc.name), "key.pem")); err != nil || fi.Mode().Perm() != 0o600 {
 				t.Errorf("stored key: %v %v, want 0600", err, fi)
 			}
@@ -315,4 +319,25 @@ func TestACMEFailingCANeverStorms(t *testing.T) {
 
 func pemCert(c *x509.Certificate) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+}
+
+func TestRetryAfter(t *testing.T) {
+	rl := func(v string) error {
+		return fmt.Errorf("order: %w", &acmeapi.RateLimitedError{ProblemDetails: &acmeapi.ProblemDetails{HTTPStatus: 429}, RetryAfter: v})
+	}
+	if d := retryAfter(rl("3600")); d != time.Hour {
+		t.Errorf("seconds: %v", d)
+	}
+	if d := retryAfter(rl(time.Now().Add(2 * time.Hour).UTC().Format(http.TimeFormat))); d < 119*time.Minute || d > 2*time.Hour {
+		t.Errorf("http date: %v", d)
+	}
+	if d := retryAfter(fmt.Errorf("other")); d != 0 {
+		t.Errorf("no rate limit: %v", d)
+	}
+	if b := backoff(1); b < time.Minute || b > 75*time.Second {
+		t.Errorf("backoff(1) = %v", b)
+	}
+	if b := backoff(30); b < 24*time.Hour || b > 30*time.Hour {
+		t.Errorf("backoff(30) = %v, want capped near 24h", b)
+	}
 }

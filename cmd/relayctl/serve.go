@@ -256,6 +256,9 @@ func newACME(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (*
 	if dns != nil {
 		o.DNS = dns
 	}
+	if cfg.ACME.EAB != nil {
+		o.EABKID, o.EABHMAC = cfg.ACME.EAB.KID, cfg.ACME.EAB.HMACKey
+	}
 	m, err := acme.NewManager(o)
 	if err != nil {
 		return nil, fmt.Errorf("acme: %w", err)
