@@ -268,8 +268,24 @@ routes:
 				t.Errorf("%s: err %v, output %q; want it to say %q", tc.name, err, out, tc.want)
 			}
 		}
+		// Legacy-backend rules while iptables drives nf_tables.
+		n.run(t, "gw", "iptables-legacy", "-A", "INPUT", "-j", "ACCEPT")
+		out, err := n.in("gw", relayctlBin, "rules", "apply", "-c", cfg).CombinedOutput()
+		n.run(t, "gw", "iptables-legacy", "-D", "INPUT", "-j", "ACCEPT")
+		if err == nil || !strings.Contains(string(out), "mixing backends breaks NAT") {
+			t.Errorf("backend mix: err %v, output %q", err, out)
+		}
 		if s := n.save(t, "iptables-save"); strings.Contains(s, "RELAY") {
 			t.Errorf("a failed preflight left rules:\n%s", s)
+		}
+		// Forwarding off with interfaces given: a warning, not an error.
+		n.run(t, "gw", "sysctl", "-qw", "net.ipv4.ip_forward=0")
+		c := n.writeConfig(t, "fwd.yaml", strings.Replace(mustRead(t, cfg), "steer: {bpf: off}", fmt.Sprintf("steer: {bpf: off, interfaces: [%s-g0]}", n.prefix[:min(8, len(n.prefix))]), 1))
+		out, err = n.in("gw", relayctlBin, "rules", "apply", "-c", c).CombinedOutput()
+		n.run(t, "gw", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+		n.in("gw", relayctlBin, "rules", "delete", "-c", c).Run()
+		if err != nil || !strings.Contains(string(out), "warning: net.ipv4.ip_forward") {
+			t.Errorf("ip_forward off: err %v, output %q; want a warning", err, out)
 		}
 	})
 }
