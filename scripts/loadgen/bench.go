@@ -9,6 +9,7 @@ import (
 	"io"
 	"log"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -70,8 +71,17 @@ type PathResult struct {
 	IdleRSSKB     int64   `json:"idle_rss_kb,omitempty"`
 	LoadedRSSKB   int64   `json:"rss_with_idle_conns_kb,omitempty"`
 	KBPerIdleConn float64 `json:"kb_per_idle_conn,omitempty"`
-	OK            bool    `json:"ok"`
-	Error         string  `json:"error,omitempty"`
+	// Anonymous (private) memory only, without the binary's and
+	// libraries' file pages.
+	IdleAnonKB   int64 `json:"idle_rss_anon_kb,omitempty"`
+	LoadedAnonKB int64 `json:"rss_anon_with_idle_conns_kb,omitempty"`
+	// The relay's Go runtime at idle and with the idle connections (stack
+	// and heap bytes from its /metrics): where the per-connection memory
+	// goes.
+	GoIdle   map[string]float64 `json:"go_runtime_idle,omitempty"`
+	GoLoaded map[string]float64 `json:"go_runtime_with_idle_conns,omitempty"`
+	OK       bool               `json:"ok"`
+	Error    string             `json:"error,omitempty"`
 }
 
 type benchOpts struct {
@@ -355,12 +365,19 @@ func (o benchOpts) runPath(s pathSpec, r *PathResult, upTLS, upHTTP, upHTTPS, up
 			return err
 		}
 		time.Sleep(time.Second) // settle before the idle RSS reading
-		r.IdleRSSKB = p.rssKB()
-		loaded, err := o.holdIdle(p, addr, sni, s.kind == "terminate")
+		r.IdleRSSKB, r.IdleAnonKB = p.rssKB(), p.status("RssAnon:")
+		if s.proxy == "relay" {
+			r.GoIdle = goRuntime(d.Metrics)
+		}
+		err = o.holdIdle(p, addr, sni, s.kind == "terminate", func() {
+			r.LoadedRSSKB, r.LoadedAnonKB = p.rssKB(), p.status("RssAnon:")
+			if s.proxy == "relay" {
+				r.GoLoaded = goRuntime(d.Metrics)
+			}
+		})
 		if err != nil {
 			return err
 		}
-		r.LoadedRSSKB = loaded
 		r.KBPerIdleConn = float64(r.LoadedRSSKB-r.IdleRSSKB) / float64(o.idle)
 		time.Sleep(200 * time.Millisecond) // let the proxy see the closes
 	}
@@ -465,15 +482,15 @@ func waitReady(p *proc, addr, sni, kind string) error {
 }
 
 // holdIdle opens o.idle established TLS connections through the proxy in
-// a helper process and returns the proxy's RSS while they are held.
-func (o benchOpts) holdIdle(p *proc, addr, sni string, httpMode bool) (int64, error) {
+// a helper process and calls sample while they are held.
+func (o benchOpts) holdIdle(p *proc, addr, sni string, httpMode bool, sample func()) error {
 	args := []string{o.self, "idle", "-addr", addr, "-sni", sni, "-n", strconv.Itoa(o.idle)}
 	if httpMode {
 		args = append(args, "-http")
 	}
 	h, out, err := startPiped("idle holder", args...)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	defer h.stop()
 	ready := make(chan string, 1)
@@ -481,13 +498,35 @@ func (o benchOpts) holdIdle(p *proc, addr, sni string, httpMode bool) (int64, er
 	select {
 	case line := <-ready:
 		if !strings.HasPrefix(line, "ready") {
-			return 0, fmt.Errorf("idle connections through %s failed (see above)", p.name)
+			return fmt.Errorf("idle connections through %s failed (see above)", p.name)
 		}
 	case <-time.After(2 * time.Minute):
-		return 0, fmt.Errorf("idle connections through %s: timeout", p.name)
+		return fmt.Errorf("idle connections through %s: timeout", p.name)
 	}
 	time.Sleep(500 * time.Millisecond)
-	return p.rssKB(), nil
+	sample()
+	return nil
+}
+
+// goRuntime reads a few Go runtime gauges from the relay's /metrics.
+func goRuntime(metricsAddr string) map[string]float64 {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	m := map[string]float64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, name := range []string{"go_memstats_stack_inuse_bytes", "go_memstats_heap_inuse_bytes",
+			"go_memstats_heap_idle_bytes", "go_memstats_heap_released_bytes", "go_memstats_sys_bytes", "go_threads"} {
+			if v, ok := strings.CutPrefix(l, name+" "); ok {
+				m[name], _ = strconv.ParseFloat(strings.TrimSpace(v), 64)
+			}
+		}
+	}
+	return m
 }
 
 func median(v []float64) float64 {

@@ -161,12 +161,17 @@ func statFields(pid int) []string {
 }
 
 // rssKB is VmRSS summed over the process group.
-func (p *proc) rssKB() int64 {
+func (p *proc) rssKB() int64 { return p.status("VmRSS:") }
+
+// status sums a kB field of /proc/PID/status (VmRSS:, RssAnon:, ...)
+// over the process group. Shared pages of a multi-process proxy (nginx's
+// master and workers) count once per process, as VmRSS does.
+func (p *proc) status(field string) int64 {
 	var sum int64
 	for _, pid := range p.members() {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 		for _, l := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			if v, ok := strings.CutPrefix(l, field); ok {
 				n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
 				sum += n
 			}

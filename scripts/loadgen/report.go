@@ -83,6 +83,24 @@ func (r *Report) markdown() string {
 			p.Name, withRatio(p.H1.PerSec, p.RatioH1, "%.0f"), p.H1.P50/1000, p.H1.P99/1000,
 			withRatio(p.H2.PerSec, p.RatioH2, "%.0f"), p.H2.P50/1000, p.H2.P99/1000, cpu, mem(p))
 	}
+	fmt.Fprintln(&b)
+	for _, p := range r.Paths {
+		if !p.OK || p.IdleRSSKB == 0 {
+			continue
+		}
+		n := float64(r.Settings.IdleConns)
+		fmt.Fprintf(&b, "- %s: anonymous memory (RssAnon) idle %.1f MB, %.1f KB per idle connection", p.Name,
+			float64(p.IdleAnonKB)/1024, float64(p.LoadedAnonKB-p.IdleAnonKB)/n)
+		if p.GoIdle != nil && p.GoLoaded != nil {
+			d := func(k string) float64 { return (p.GoLoaded[k] - p.GoIdle[k]) / n }
+			free := func(m map[string]float64) float64 {
+				return m["go_memstats_heap_idle_bytes"] - m["go_memstats_heap_released_bytes"]
+			}
+			fmt.Fprintf(&b, "; Go runtime per idle connection: %.1f KB stacks, %.1f KB heap in use, %.1f KB free heap not yet returned to the OS",
+				d("go_memstats_stack_inuse_bytes")/1024, d("go_memstats_heap_inuse_bytes")/1024, (free(p.GoLoaded)-free(p.GoIdle))/n/1024)
+		}
+		fmt.Fprintln(&b, ".")
+	}
 	return b.String()
 }
 
