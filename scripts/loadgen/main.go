@@ -15,7 +15,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -474,88 +473,4 @@ func idle(addr, name string, n int, httpMode bool) error {
 		c.Close()
 	}
 	return nil
-}
-
-// httpServe is the plain-HTTP upstream of the termination paths: a small
-// fixed body, keep-alive.
-func httpServe(addr string) {
-	body := bytes.Repeat([]byte("x"), 64)
-	fmt.Println("ready", addr)
-	log.Fatal(http.ListenAndServe(addr, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain")
-		w.Write(body)
-	})))
-}
-
-// GetRate is small HTTPS GETs per second over kept-alive connections.
-type GetRate struct {
-	Proto  string  `json:"proto"`
-	Reqs   int64   `json:"requests"`
-	PerSec float64 `json:"per_sec"`
-	P50    float64 `json:"p50_us"`
-	P99    float64 `json:"p99_us"`
-	Errors int64   `json:"errors"`
-	OK     bool    `json:"ok"`
-}
-
-func gets(addr, name string, h2 bool, conc int, d time.Duration) GetRate {
-	tr := &http.Transport{
-		TLSClientConfig:     &tls.Config{ServerName: name, InsecureSkipVerify: true},
-		MaxIdleConnsPerHost: conc,
-		MaxConnsPerHost:     conc,
-		ForceAttemptHTTP2:   h2,
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			dl := &net.Dialer{Timeout: 5 * time.Second}
-			dl.SetMultipathTCP(false)
-			return dl.DialContext(ctx, "tcp", addr)
-		},
-	}
-	if !h2 {
-		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
-	} else {
-		tr.MaxConnsPerHost = 1
-	}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
-	url := "https://" + name + "/"
-	var count, errs atomic.Int64
-	var mu sync.Mutex
-	var all []time.Duration
-	proto := ""
-	deadline := time.Now().Add(d)
-	var wg sync.WaitGroup
-	for i := 0; i < conc; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var local []time.Duration
-			for time.Now().Before(deadline) {
-				t := time.Now()
-				resp, err := client.Get(url)
-				if err != nil {
-					errs.Add(1)
-					continue
-				}
-				b, err := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if err != nil || resp.StatusCode != 200 || len(b) != 64 {
-					errs.Add(1)
-					continue
-				}
-				mu.Lock()
-				proto = resp.Proto
-				mu.Unlock()
-				local = append(local, time.Since(t))
-				count.Add(1)
-			}
-			mu.Lock()
-			all = append(all, local...)
-			mu.Unlock()
-		}()
-	}
-	wg.Wait()
-	r := GetRate{Proto: proto, Reqs: count.Load(), PerSec: float64(count.Load()) / d.Seconds(), Errors: errs.Load()}
-	r.OK = r.Errors == 0 && r.Reqs > 0 && ((h2 && proto == "HTTP/2.0") || (!h2 && proto == "HTTP/1.1"))
-	r.P50, r.P99 = percentiles(all)
-	return r
 }
