@@ -22,6 +22,7 @@ type metrics struct {
 	reloads         *prometheus.CounterVec // result
 	limitRejections *prometheus.CounterVec // limit
 	tlsErrors       *prometheus.CounterVec // route
+	splicedBytes    *prometheus.CounterVec // direction; in-kernel (sockmap) splicing only
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -58,6 +59,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "relay_limit_rejections_total",
 			Help: "Connections refused or closed because a limit was reached (max_connections, max_handshakes, idle_timeout).",
 		}, []string{"limit"}),
+		splicedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_bpf_spliced_bytes_total",
+			Help: "Bytes moved in the kernel by the BPF sockmap splice (splice: sockmap). 0 while splice(2) is in use.",
+		}, []string{"direction"}),
 		tlsErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_tls_handshake_errors_total",
 			Help: "TLS handshakes that failed on terminate routes, by route.",
@@ -66,10 +71,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)
 	}
+	m.splicedBytes.WithLabelValues("upstream")
+	m.splicedBytes.WithLabelValues("downstream")
 	for _, r := range []string{"timeout", "not_tls", "too_large", "malformed"} {
 		m.helloErrors.WithLabelValues(r)
 	}
 	reg.MustRegister(m.connections, m.active, m.bytes, m.helloErrors, m.upstreamErrors,
-		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors)
+		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, m.splicedBytes)
 	return m
 }

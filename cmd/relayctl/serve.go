@@ -89,6 +89,14 @@ func cmdServe(e *env, args []string) error {
 		return err
 	}
 	certs.acme = mgr
+	if mgr == nil {
+		// The series exist (at zero) without ACME too, so dashboards and
+		// alerts need no special case.
+		orders := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "relay_acme_orders_total", Help: "ACME certificate orders, by result."}, []string{"result"})
+		orders.WithLabelValues("success")
+		orders.WithLabelValues("failure")
+		reg.MustRegister(orders)
+	}
 	opts := relay.Options{
 		Config:      cfg,
 		Certs:       certs.forRoute,
