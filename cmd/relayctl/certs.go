@@ -17,8 +17,7 @@ func init() {
 }
 
 func cmdCerts(e *env, args []string) error {
-	fs := newFlagSet(e, "certs")
-	cfgPath := fs.String("c", "", "config file (default $RELAY_CONFIG, then /etc/relay/relay.yaml)")
+	fs, cfgPath := newConfigFlagSet(e, "certs")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err

@@ -112,6 +112,13 @@ func init() {
 	})
 }
 
+// newConfigFlagSet is newFlagSet with the -c flag every config-reading
+// command takes.
+func newConfigFlagSet(e *env, name string) (*flag.FlagSet, *string) {
+	fs := newFlagSet(e, name)
+	return fs, fs.String("c", "", "config file (default $RELAY_CONFIG, then /etc/relay/relay.yaml)")
+}
+
 // parseInterspersed parses flags that may come before or after positional
 // arguments (`rules apply -c F` and `rules -c F apply` both work) and
 // returns the positionals.

@@ -34,8 +34,7 @@ type rulesReport struct {
 }
 
 func cmdRules(e *env, args []string) error {
-	fs := newFlagSet(e, "rules")
-	cfgPath := fs.String("c", "", "config file (default $RELAY_CONFIG, then "+config.DefaultPath+")")
+	fs, cfgPath := newConfigFlagSet(e, "rules")
 	dryRun := fs.Bool("dry-run", false, "print what would change and change nothing")
 	asJSON := fs.Bool("json", false, "print JSON")
 	pos, err := parseInterspersed(fs, args)

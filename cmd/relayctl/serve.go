@@ -40,8 +40,7 @@ func loadConfig(e *env, flagPath string) (*config.Config, error) {
 }
 
 func cmdCheck(e *env, args []string) error {
-	fs := newFlagSet(e, "check")
-	cfgPath := fs.String("c", "", "config file (default $RELAY_CONFIG, then "+config.DefaultPath+")")
+	fs, cfgPath := newConfigFlagSet(e, "check")
 	if _, err := parseInterspersed(fs, args); err != nil {
 		return err
 	}
@@ -64,8 +63,7 @@ func newLogger(c config.Log, w io.Writer) *slog.Logger {
 }
 
 func cmdServe(e *env, args []string) error {
-	fs := newFlagSet(e, "serve")
-	cfgPath := fs.String("c", "", "config file (default $RELAY_CONFIG, then "+config.DefaultPath+")")
+	fs, cfgPath := newConfigFlagSet(e, "serve")
 	if _, err := parseInterspersed(fs, args); err != nil {
 		return err
 	}

@@ -22,8 +22,7 @@ func init() {
 // cmdStats prints the relay's counters (scraped from its metrics listener)
 // and the BPF counters (read from the pinned maps) as tables.
 func cmdStats(e *env, args []string) error {
-	fs := newFlagSet(e, "stats")
-	cfgPath := fs.String("c", "", "config file (default $RELAY_CONFIG, then /etc/relay/relay.yaml)")
+	fs, cfgPath := newConfigFlagSet(e, "stats")
 	if _, err := parseInterspersed(fs, args); err != nil {
 		return err
 	}
