@@ -52,6 +52,9 @@ type Options struct {
 	OwnerGID int
 	// NetNS is the network namespace to attach to; default this process's.
 	NetNS string
+	// Splice also loads the sockmap splice (`splice: sockmap`); without
+	// it any loaded splice is removed.
+	Splice bool
 }
 
 // Status is what is loaded.
@@ -61,6 +64,14 @@ type Status struct {
 	ProgID  uint32         `json:"prog_id"`
 	Ports   []PortCounters `json:"ports"`
 	Updated bool           `json:"updated,omitempty"` // Apply replaced an existing program
+	// Splice is the sockmap splice, when loaded.
+	Splice *SpliceStatus `json:"splice,omitempty"`
+}
+
+// SpliceStatus is the loaded sockmap splice and its kernel byte counters.
+type SpliceStatus struct {
+	UpstreamBytes   uint64 `json:"upstream_bytes"`
+	DownstreamBytes uint64 `json:"downstream_bytes"`
 }
 
 // PortCounters are the sk_lookup counters of one port, summed over CPUs.
@@ -187,6 +198,9 @@ func install(opts Options, spec *ebpf.CollectionSpec) (*Status, error) {
 		return nil, fmt.Errorf("move pins into %s: %w", opts.PinDir, err)
 	}
 	ok = true
+	if err := applySplice(opts.PinDir, opts.Splice, opts.OwnerUID, opts.OwnerGID); err != nil {
+		return nil, err
+	}
 	return Show(opts.PinDir)
 }
 
@@ -221,6 +235,9 @@ func update(opts Options, spec *ebpf.CollectionSpec) (*Status, error) {
 	lp := filepath.Join(opts.PinDir, pinListeners)
 	if err := os.Chown(lp, opts.OwnerUID, opts.OwnerGID); err != nil {
 		return nil, fmt.Errorf("chown pin %s: %w", pinListeners, err)
+	}
+	if err := applySplice(opts.PinDir, opts.Splice, opts.OwnerUID, opts.OwnerGID); err != nil {
+		return nil, err
 	}
 	st, err := Show(opts.PinDir)
 	if st != nil {
@@ -272,11 +289,7 @@ func Delete(pinDir string) error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("open pinned link: %w", err))
 	}
-	for _, name := range []string{pinListeners, pinPorts, pinCounters} {
-		if err := os.Remove(filepath.Join(pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
+	errs = append(errs, removePins(pinDir, append([]string{pinListeners, pinPorts, pinCounters}, splicePins...)))
 	if err := os.Remove(pinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
@@ -299,6 +312,14 @@ func Show(pinDir string) (*Status, error) {
 	st := &Status{PinDir: pinDir}
 	if info, err := l.Info(); err == nil {
 		st.LinkID, st.ProgID = uint32(info.ID), uint32(info.Program)
+	}
+	if m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, pinSpliceBytes), &ebpf.LoadPinOptions{ReadOnly: true}); err == nil {
+		up, down, err := readSplicedBytes(m)
+		m.Close()
+		if err != nil {
+			return st, err
+		}
+		st.Splice = &SpliceStatus{UpstreamBytes: up, DownstreamBytes: down}
 	}
 	c, err := openCounters(pinDir)
 	if err != nil {

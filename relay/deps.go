@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"net"
 	"net/netip"
+	"time"
 )
 
 // CertSource returns the certificate for a TLS handshake on a terminate
@@ -30,9 +31,16 @@ type ALPNChallenges interface {
 // rewrote it. ok is false when the connection was not redirected.
 type OriginalDst func(c *net.TCPConn) (dst netip.AddrPort, ok bool, err error)
 
-// Splicer moves bytes both ways between two established TCP connections
-// until both directions have ended, propagating half-close. It returns the
-// bytes moved client → upstream and upstream → client.
+// Splicer moves bytes in the kernel both ways between two established TCP
+// connections (the BPF sockmap splice, `splice: sockmap`): it writes pre
+// (the peeked ClientHello) to upstream, then relays until both directions
+// have ended, propagating half-close; neither side may stay silent for
+// longer than idle. It returns the bytes moved client → upstream (pre not
+// included) and upstream → client. An error wrapping errors.ErrUnsupported
+// means it did nothing and the relay uses splice(2) for this connection.
+// Without a Splicer the relay uses splice(2).
 type Splicer interface {
-	Splice(ctx context.Context, client, upstream *net.TCPConn) (up, down int64, err error)
+	Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration) (up, down int64, err error)
+	// SplicedBytes are the bytes moved in the kernel so far, all connections.
+	SplicedBytes() (up, down uint64, err error)
 }

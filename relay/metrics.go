@@ -22,10 +22,9 @@ type metrics struct {
 	reloads         *prometheus.CounterVec // result
 	limitRejections *prometheus.CounterVec // limit
 	tlsErrors       *prometheus.CounterVec // route
-	splicedBytes    *prometheus.CounterVec // direction; in-kernel (sockmap) splicing only
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
+func newMetrics(reg prometheus.Registerer, sp Splicer) *metrics {
 	m := &metrics{
 		connections: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_connections_total",
@@ -59,10 +58,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "relay_limit_rejections_total",
 			Help: "Connections refused or closed because a limit was reached (max_connections, max_handshakes, idle_timeout).",
 		}, []string{"limit"}),
-		splicedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_bpf_spliced_bytes_total",
-			Help: "Bytes moved in the kernel by the BPF sockmap splice (splice: sockmap). 0 while splice(2) is in use.",
-		}, []string{"direction"}),
 		tlsErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_tls_handshake_errors_total",
 			Help: "TLS handshakes that failed on terminate routes, by route.",
@@ -71,12 +66,29 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)
 	}
-	m.splicedBytes.WithLabelValues("upstream")
-	m.splicedBytes.WithLabelValues("downstream")
 	for _, r := range []string{"timeout", "not_tls", "too_large", "malformed"} {
 		m.helloErrors.WithLabelValues(r)
 	}
 	reg.MustRegister(m.connections, m.active, m.bytes, m.helloErrors, m.upstreamErrors,
-		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, m.splicedBytes)
+		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, splicedCollector{sp})
 	return m
+}
+
+var splicedDesc = prometheus.NewDesc("relay_bpf_spliced_bytes_total",
+	"Bytes moved in the kernel by the BPF sockmap splice (splice: sockmap), read from its BPF map. 0 while splice(2) is in use.",
+	[]string{"direction"}, nil)
+
+// splicedCollector reads the kernel's counters at scrape time; the series
+// exist at zero without a Splicer, so dashboards need no special case.
+type splicedCollector struct{ sp Splicer }
+
+func (c splicedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- splicedDesc }
+
+func (c splicedCollector) Collect(ch chan<- prometheus.Metric) {
+	var up, down uint64
+	if c.sp != nil {
+		up, down, _ = c.sp.SplicedBytes()
+	}
+	ch <- prometheus.MustNewConstMetric(splicedDesc, prometheus.CounterValue, float64(up), "upstream")
+	ch <- prometheus.MustNewConstMetric(splicedDesc, prometheus.CounterValue, float64(down), "downstream")
 }

@@ -15,9 +15,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// errIdle ends a relayed connection on which neither side sent data for
-// limits.idle_timeout.
-var errIdle = errors.New("idle timeout")
+// ErrIdle ends a relayed connection on which neither side sent data for
+// limits.idle_timeout. A Splicer returns an error matching it
+// (errors.Is) for the same reason.
+var ErrIdle = errors.New("idle timeout")
 
 // passthrough relays client to an upstream of rt without decrypting:
 // dial, optional PROXY header, replay the peeked ClientHello, then splice.
@@ -48,27 +49,34 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	pre = append(pre, hello.Raw...)
 	upBytes := s.m.bytes.WithLabelValues(rt.label, "upstream")
 	downBytes := s.m.bytes.WithLabelValues(rt.label, "downstream")
-	upConn.SetWriteDeadline(time.Now().Add(lim.HelloTimeout.D()))
-	if _, err := upConn.Write(pre); err != nil {
-		s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
-		log.Warn("replay hello to upstream", "err", err)
-		return
-	}
-	upConn.SetWriteDeadline(time.Time{})
-	upBytes.Add(float64(len(hello.Raw)))
 
 	var up, down int64
-	if sc, ok := s.splicer.(spliceCopier); ok {
-		up, down, err = sc.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
-	} else {
-		up, down, err = s.splicer.Splice(context.Background(), client, upConn)
-		upBytes.Add(float64(up))
-		downBytes.Add(float64(down))
+	kernel := false
+	if s.splicer != nil && s.state.Load().cfg.Splice == "sockmap" {
+		up, down, err = s.splicer.Splice(context.Background(), client, upConn, pre, lim.IdleTimeout.D())
+		kernel = !errors.Is(err, errors.ErrUnsupported)
+		if kernel {
+			upBytes.Add(float64(up + int64(len(hello.Raw))))
+			downBytes.Add(float64(down))
+		} else {
+			log.Debug("sockmap splice not possible; using splice(2)", "err", err)
+		}
 	}
-	if errors.Is(err, errIdle) {
+	if !kernel {
+		upConn.SetWriteDeadline(time.Now().Add(lim.HelloTimeout.D()))
+		if _, err := upConn.Write(pre); err != nil {
+			s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
+			log.Warn("replay hello to upstream", "err", err)
+			return
+		}
+		upConn.SetWriteDeadline(time.Time{})
+		upBytes.Add(float64(len(hello.Raw)))
+		up, down, err = spliceCopier{}.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
+	}
+	if errors.Is(err, ErrIdle) {
 		s.m.limitRejections.WithLabelValues("idle_timeout").Inc()
 	}
-	log.Debug("passthrough done", "up", up+int64(len(hello.Raw)), "down", down, "err", err)
+	log.Debug("passthrough done", "up", up+int64(len(hello.Raw)), "down", down, "kernel", kernel, "err", err)
 }
 
 // passthroughHTTP relays a transparently redirected plain-HTTP connection
@@ -91,14 +99,9 @@ func (s *Server) passthroughHTTP(client *net.TCPConn, dst netip.AddrPort) {
 		s.m.bytes.WithLabelValues(labelOriginal, "upstream"), s.m.bytes.WithLabelValues(labelOriginal, "downstream"))
 }
 
-// spliceCopier is the default Splicer: io.Copy between two *net.TCPConn,
-// which the runtime turns into splice(2), so payload never enters user
-// space.
+// spliceCopier relays with io.Copy between two *net.TCPConn, which the
+// runtime turns into splice(2), so payload never enters user space.
 type spliceCopier struct{}
-
-func (sc spliceCopier) Splice(ctx context.Context, client, upstream *net.TCPConn) (up, down int64, err error) {
-	return sc.pipe(client, upstream, 5*time.Minute, nil, nil)
-}
 
 // pipe copies both ways, propagating half-close, until both directions
 // ended or one failed; counters (may be nil) advance at least once per
@@ -138,7 +141,7 @@ func (spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, upC,
 				return
 			case errors.Is(err, os.ErrDeadlineExceeded):
 				if isIdle() {
-					fail(errIdle)
+					fail(ErrIdle)
 					return
 				}
 			default:

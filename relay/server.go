@@ -32,8 +32,8 @@ type Options struct {
 	// OriginalDst reads the pre-NAT destination; nil = the accepted
 	// socket's local address is the destination (no REDIRECT).
 	OriginalDst OriginalDst
-	// Splicer copies passthrough bytes; nil = splice(2) via io.Copy
-	// between *net.TCPConn.
+	// Splicer moves passthrough bytes in the kernel when the config says
+	// `splice: sockmap`; nil = splice(2) via io.Copy between *net.TCPConn.
 	Splicer Splicer
 	// IsLocal reports whether an address belongs to this host (never
 	// dialled: it would loop into the relay). nil = net.InterfaceAddrs.
@@ -103,10 +103,7 @@ func New(opts Options) (*Server, error) {
 	if s.isLocal == nil {
 		s.isLocal = newLocalAddrs().contains
 	}
-	if s.splicer == nil {
-		s.splicer = spliceCopier{}
-	}
-	s.m = newMetrics(s.reg)
+	s.m = newMetrics(s.reg, s.splicer)
 	st, err := s.buildState(opts.Config)
 	if err != nil {
 		return nil, err

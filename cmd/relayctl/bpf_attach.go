@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"syscall"
+	"time"
 
 	"github.com/relay-gw/relay/bpf"
 	"github.com/relay-gw/relay/internal/config"
@@ -67,4 +70,36 @@ func printBPFStats(w io.Writer, cfg *config.Config) {
 	for _, p := range pcs {
 		fmt.Fprintf(w, "  port %d: steered %d, no socket %d, assign errors %d\n", p.Port, p.Steered, p.NoSocket, p.AssignError)
 	}
+}
+
+// kernelSplicer adapts the pinned sockmap splice to the relay.
+type kernelSplicer struct{ *bpf.Splicer }
+
+func (k kernelSplicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration) (int64, int64, error) {
+	up, down, err := k.Splicer.Splice(ctx, client, upstream, pre, idle)
+	if errors.Is(err, bpf.ErrIdle) {
+		err = relay.ErrIdle
+	}
+	return up, down, err
+}
+
+// openSplicer opens the sockmap splice that `rules apply` pinned. It is
+// opened whenever present, so a reload to `splice: sockmap` can use it;
+// the relay consults the config per connection.
+func openSplicer(cfg *config.Config, log *slog.Logger) relay.Splicer {
+	s, err := bpf.OpenSplicer(cfg.Steer.PinDir)
+	switch {
+	case err == nil:
+		if cfg.Splice == "sockmap" {
+			log.Info("splice: sockmap: passthrough bytes move in the kernel (BPF sockmap), at most 2 MiB in flight per direction", "pin_dir", cfg.Steer.PinDir)
+		}
+		return kernelSplicer{s}
+	case cfg.Splice != "sockmap":
+		return nil
+	case errors.Is(err, bpf.ErrSpliceNotLoaded):
+		log.Warn("splice: sockmap, but the sockmap splice is not loaded: using splice(2); run `sudo relayctl rules apply` (steer.bpf: auto or on)", "pin_dir", cfg.Steer.PinDir)
+	default:
+		log.Warn("splice: sockmap unusable, using splice(2)", "err", err)
+	}
+	return nil
 }

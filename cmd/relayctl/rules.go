@@ -268,6 +268,11 @@ func printRules(e *env, rep *rulesReport) {
 		for _, p := range st.Ports {
 			fmt.Fprintf(w, "  port %d -> listener slot %d: steered %d, no socket %d, assign errors %d\n", p.Port, p.Slot, p.Steered, p.NoSocket, p.AssignError)
 		}
+		if sp := st.Splice; sp != nil {
+			fmt.Fprintf(w, "bpf: sockmap splice loaded: %d bytes client->upstream, %d upstream->client moved in the kernel\n", sp.UpstreamBytes, sp.DownstreamBytes)
+		} else {
+			fmt.Fprintln(w, "bpf: sockmap splice not loaded (splice: sockmap loads it)")
+		}
 	} else {
 		fmt.Fprintf(w, "bpf: %s\n", rep.BPF)
 	}
@@ -279,6 +284,9 @@ func printRules(e *env, rep *rulesReport) {
 func applyBPF(cfg *config.Config, uid int, dryRun bool, rep *rulesReport) (bool, error) {
 	if cfg.Steer.BPF == "off" {
 		rep.BPF = "off (steer.bpf: off)"
+		if cfg.Splice == "sockmap" {
+			rep.Warnings = append(rep.Warnings, "splice: sockmap needs the BPF programs (steer.bpf: auto or on); the relay uses splice(2)")
+		}
 		return false, nil
 	}
 	if err := bpf.Supported(); err != nil {
@@ -306,7 +314,14 @@ func applyBPF(cfg *config.Config, uid int, dryRun bool, rep *rulesReport) (bool,
 	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
 		gid, _ = strconv.Atoi(u.Gid)
 	}
-	st, err := bpf.Apply(bpf.Options{PinDir: cfg.Steer.PinDir, Ports: ports, OwnerUID: uid, OwnerGID: gid})
+	splice := cfg.Splice == "sockmap"
+	if splice {
+		if err := bpf.SpliceSupported(); err != nil {
+			rep.Warnings = append(rep.Warnings, "splice: sockmap unavailable, the relay uses splice(2): "+err.Error())
+			splice = false
+		}
+	}
+	st, err := bpf.Apply(bpf.Options{PinDir: cfg.Steer.PinDir, Ports: ports, OwnerUID: uid, OwnerGID: gid, Splice: splice})
 	if err != nil {
 		if cfg.Steer.BPF == "on" {
 			return false, fmt.Errorf("BPF steering: %w", err)
@@ -318,6 +333,9 @@ func applyBPF(cfg *config.Config, uid int, dryRun bool, rep *rulesReport) (bool,
 	action := "load sk_lookup steering"
 	if st.Updated {
 		action = "sk_lookup steering already loaded: program updated in place, ports refreshed"
+	}
+	if splice {
+		action += "; sockmap splice loaded"
 	}
 	rep.Changes = append(rep.Changes, redirect.Change{Family: "bpf", Action: action})
 	rep.BPFState = st

@@ -345,6 +345,7 @@ state_dir: %s
 listen: {https: ":8443", http: ":8080", metrics: "127.0.0.1:9090"}
 unknown_sni: reject
 steer: {bpf: on, pin_dir: %s/relay}
+splice: sockmap
 routes:
   - match: pp.test
     passthrough: 10.10.2.2:7000
@@ -361,6 +362,12 @@ routes:
 	fi, err := os.Stat(filepath.Join(fs, "relay", "listeners"))
 	if err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("listeners pin: %v %v, want nobody's, 0600", err, fi)
+	}
+	for _, pin := range []string{"splice_socks", "splice_cfg", "splice_stat"} {
+		fi, err := os.Stat(filepath.Join(fs, "relay", pin))
+		if err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s pin: %v %v, want nobody's, 0600 (splice: sockmap)", pin, err, fi)
+		}
 	}
 
 	relay := n.in("gw", asNobody(relayctlBin, "serve", "-c", cfg)...)
@@ -391,6 +398,10 @@ routes:
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %s:\n%s", want, grepLines(metrics, "relay_bpf"))
 		}
+	}
+	// splice: sockmap: the upstream's answers moved in the kernel.
+	if m := regexp.MustCompile(`relay_bpf_spliced_bytes_total\{direction="downstream"\} (\d+)`).FindStringSubmatch(metrics); m == nil || m[1] == "0" {
+		t.Errorf("splice: sockmap moved no bytes in the kernel:\n%s", grepLines(metrics, "relay_bpf"))
 	}
 
 	// kill -9: the kernel drops the socket from the SOCKMAP; a root

@@ -76,9 +76,6 @@ func cmdServe(e *env, args []string) error {
 	if os.Geteuid() == 0 {
 		log.Warn("serve is running as root: it needs no privilege (ports 8080/8443, steering by `rules apply`); run it as user "+cfg.User, "user", cfg.User)
 	}
-	if cfg.Splice == "sockmap" {
-		log.Warn("splice: sockmap is not available in this version (its memory is not yet bounded); using splice(2)")
-	}
 
 	reg := newRegistry()
 	certs := &certSources{stateDir: cfg.StateDir, log: log}
@@ -101,6 +98,9 @@ func cmdServe(e *env, args []string) error {
 		OriginalDst: relay.SOOriginalDst,
 		Logger:      log,
 		Registry:    reg,
+	}
+	if sp := openSplicer(cfg, log); sp != nil {
+		opts.Splicer = sp
 	}
 	if mgr != nil {
 		opts.HTTPChallenges, opts.ALPNChallenges = mgr, mgr
