@@ -513,3 +513,20 @@ func idleFor(e *end) time.Duration {
 	})
 	return d
 }
+
+// ReadSplicedBytes reads the kernel byte counters of the pinned sockmap
+// splice (the pin is world-readable); ErrSpliceNotLoaded when absent.
+func ReadSplicedBytes(pinDir string) (up, down uint64, err error) {
+	if pinDir == "" {
+		pinDir = DefaultPinDir
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, pinSpliceBytes), &ebpf.LoadPinOptions{ReadOnly: true})
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, 0, ErrSpliceNotLoaded
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("open pinned %s: %w", pinSpliceBytes, err)
+	}
+	defer m.Close()
+	return readSplicedBytes(m)
+}

@@ -70,6 +70,11 @@ func printBPFStats(w io.Writer, cfg *config.Config) {
 	for _, p := range pcs {
 		fmt.Fprintf(w, "  port %d: steered %d, no socket %d, assign errors %d\n", p.Port, p.Steered, p.NoSocket, p.AssignError)
 	}
+	if up, down, err := bpf.ReadSplicedBytes(cfg.Steer.PinDir); err == nil {
+		fmt.Fprintf(w, "bpf sockmap splice: %d bytes client->upstream, %d upstream->client moved in the kernel\n", up, down)
+	} else if !errors.Is(err, bpf.ErrSpliceNotLoaded) {
+		fmt.Fprintf(w, "bpf sockmap splice: %v\n", err)
+	}
 }
 
 // kernelSplicer adapts the pinned sockmap splice to the relay.

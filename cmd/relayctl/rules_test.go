@@ -403,6 +403,12 @@ routes:
 	if m := regexp.MustCompile(`relay_bpf_spliced_bytes_total\{direction="downstream"\} (\d+)`).FindStringSubmatch(metrics); m == nil || m[1] == "0" {
 		t.Errorf("splice: sockmap moved no bytes in the kernel:\n%s", grepLines(metrics, "relay_bpf"))
 	}
+	if out := n.run(t, "gw", asNobody(relayctlBin, "stats", "-c", cfg)...); !strings.Contains(out, "bpf sockmap splice: ") {
+		t.Errorf("relayctl stats lacks the sockmap splice counters:\n%s", out)
+	}
+	if out := n.run(t, "gw", relayctlBin, "rules", "show", "-c", cfg); !strings.Contains(out, "sockmap splice loaded") {
+		t.Errorf("rules show lacks the sockmap splice:\n%s", out)
+	}
 
 	// kill -9: the kernel drops the socket from the SOCKMAP; a root
 	// listener on :443 now gets the connections.

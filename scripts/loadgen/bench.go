@@ -108,6 +108,7 @@ type pathSpec struct {
 	name, kind, proxy string
 	tmpl              string // template file in configs; "" = no proxy
 	splice            bool   // haproxy: option splice-request/-response
+	sockmap           bool   // relay: load the BPF sockmap splice first
 	argv              func(cfg, dir string) []string
 	env               func(dir string) []string
 }
@@ -128,6 +129,7 @@ func (o benchOpts) specs() []pathSpec {
 	return []pathSpec{
 		{name: "direct", kind: "passthrough"},
 		{name: "relay passthrough (splice)", kind: "passthrough", proxy: "relay", tmpl: "relay-passthrough.yaml", argv: relay, env: goEnv},
+		{name: "relay passthrough (sockmap)", kind: "passthrough", proxy: "relay", tmpl: "relay-sockmap.yaml", sockmap: true, argv: relay, env: goEnv},
 		{name: "haproxy tcp + splice", kind: "passthrough", proxy: "haproxy", tmpl: "haproxy-tcp.cfg", splice: true, argv: haproxy},
 		{name: "haproxy tcp", kind: "passthrough", proxy: "haproxy", tmpl: "haproxy-tcp.cfg", argv: haproxy},
 		{name: "nginx stream ssl_preread", kind: "passthrough", proxy: "nginx", tmpl: "nginx-stream.conf", argv: nginx},
@@ -298,6 +300,10 @@ func runBench(o benchOpts, rep *Report) error {
 		if o.only != "" && !strings.Contains(s.name, o.only) && !strings.HasPrefix(s.name, "direct") {
 			continue
 		}
+		if s.sockmap && os.Geteuid() != 0 {
+			rep.Skipped[s.name] = "needs root (loads BPF programs)"
+			continue
+		}
 		fmt.Fprintf(os.Stderr, "bench: %s ...\n", s.name)
 		r := &PathResult{Name: s.name, Kind: s.kind, Proxy: s.proxy, OK: true}
 		err := o.runPath(s, r, up.tls, up.http, up.https, upDir)
@@ -352,6 +358,13 @@ func (o benchOpts) runPath(s pathSpec, r *PathResult, upTLS, upHTTP, upHTTPS, up
 		cfg, err := render(filepath.Join(o.configs, s.tmpl), filepath.Join(dir, s.tmpl), d)
 		if err != nil {
 			return err
+		}
+		if s.sockmap {
+			unload, err := loadSockmap(dir)
+			if err != nil {
+				return fmt.Errorf("load the sockmap splice: %w", err)
+			}
+			defer unload()
 		}
 		var env []string
 		if s.env != nil {
