@@ -55,6 +55,11 @@ type Options struct {
 	// Splice also loads the sockmap splice (`splice: sockmap`); without
 	// it any loaded splice is removed.
 	Splice bool
+	// AcctPorts are the local ports whose accepted connections the kernel
+	// accounts (sock_ops on Cgroup): the steered ports and the relay's
+	// listen ports. Accounting is best effort: a failure is a warning.
+	AcctPorts []uint16
+	Cgroup    string // cgroup v2 directory to attach to; default its root
 }
 
 // Status is what is loaded.
@@ -66,6 +71,10 @@ type Status struct {
 	Updated bool           `json:"updated,omitempty"` // Apply replaced an existing program
 	// Splice is the sockmap splice, when loaded.
 	Splice *SpliceStatus `json:"splice,omitempty"`
+	// Accounting is the kernel's per-port connection accounting, when loaded.
+	Accounting []PortAccount `json:"accounting,omitempty"`
+	// Warnings are parts that could not be loaded (steering itself works).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // SpliceStatus is the loaded sockmap splice and its kernel byte counters.
@@ -201,7 +210,12 @@ func install(opts Options, spec *ebpf.CollectionSpec) (*Status, error) {
 	if err := applySplice(opts.PinDir, opts.Splice, opts.OwnerUID, opts.OwnerGID); err != nil {
 		return nil, err
 	}
-	return Show(opts.PinDir)
+	warn := applyAccountOpts(opts)
+	st, err := Show(opts.PinDir)
+	if st != nil {
+		st.Warnings = warn
+	}
+	return st, err
 }
 
 // update swaps the program of the pinned link and refreshes the ports.
@@ -239,11 +253,28 @@ func update(opts Options, spec *ebpf.CollectionSpec) (*Status, error) {
 	if err := applySplice(opts.PinDir, opts.Splice, opts.OwnerUID, opts.OwnerGID); err != nil {
 		return nil, err
 	}
+	warn := applyAccountOpts(opts)
 	st, err := Show(opts.PinDir)
 	if st != nil {
-		st.Updated = true
+		st.Updated, st.Warnings = true, warn
 	}
 	return st, err
+}
+
+// applyAccountOpts loads or removes the accounting per opts; a failure
+// is returned as a warning: steering works without it.
+func applyAccountOpts(opts Options) []string {
+	if len(opts.AcctPorts) == 0 {
+		if err := removePins(opts.PinDir, acctPins); err != nil {
+			return []string{"remove kernel connection accounting: " + err.Error()}
+		}
+		return nil
+	}
+	if err := applyAccount(opts.PinDir, opts.NetNS, opts.Cgroup, opts.AcctPorts); err != nil {
+		removePins(opts.PinDir, acctPins)
+		return []string{"kernel connection accounting (sock_ops) not loaded, the relay's own counters still work: " + err.Error()}
+	}
+	return nil
 }
 
 // fillPorts makes the ports map hold exactly want.
@@ -289,7 +320,7 @@ func Delete(pinDir string) error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("open pinned link: %w", err))
 	}
-	errs = append(errs, removePins(pinDir, append([]string{pinListeners, pinPorts, pinCounters}, splicePins...)))
+	errs = append(errs, removePins(pinDir, slices.Concat([]string{pinListeners, pinPorts, pinCounters}, splicePins, acctPins)))
 	if err := os.Remove(pinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
@@ -320,6 +351,9 @@ func Show(pinDir string) (*Status, error) {
 			return st, err
 		}
 		st.Splice = &SpliceStatus{UpstreamBytes: up, DownstreamBytes: down}
+	}
+	if acct, err := ReadAccounting(pinDir); err == nil {
+		st.Accounting = acct
 	}
 	c, err := openCounters(pinDir)
 	if err != nil {
@@ -380,6 +414,7 @@ func (c *counterMaps) read() ([]PortCounters, error) {
 type Steering struct {
 	listeners *ebpf.Map
 	counters  *counterMaps
+	pinDir    string
 }
 
 // Open opens the pins in pinDir. ErrNotLoaded when there are none.
@@ -399,7 +434,7 @@ func Open(pinDir string) (*Steering, error) {
 		l.Close()
 		return nil, err
 	}
-	return &Steering{listeners: l, counters: c}, nil
+	return &Steering{listeners: l, counters: c, pinDir: pinDir}, nil
 }
 
 // Register puts a listening TCP socket into slot. The socket must be

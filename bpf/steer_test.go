@@ -5,14 +5,17 @@ package bpf
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"runtime"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
 
@@ -61,16 +64,18 @@ func setUp(index int) {
 
 func TestSteeringLoadRegisterCountDelete(t *testing.T) {
 	inFreshNetns(t, func(pinDir string) {
-		opts := Options{PinDir: pinDir, Ports: []Port{{443, SlotHTTPS}, {80, SlotHTTP}}, OwnerUID: 65534, OwnerGID: 65534, NetNS: "/proc/thread-self/ns/net"}
+		opts := Options{PinDir: pinDir, Ports: []Port{{443, SlotHTTPS}, {80, SlotHTTP}}, OwnerUID: 65534, OwnerGID: 65534, NetNS: "/proc/thread-self/ns/net",
+			AcctPorts: []uint16{443, 80, 8443}}
 		st, err := Apply(opts)
-		if err != nil {
-			t.Errorf("apply: %v", err)
+		if err != nil || len(st.Warnings) > 0 {
+			t.Errorf("apply: %v %v", err, st)
 			return
 		}
 		for name, want := range map[string]struct {
 			uid  uint32
 			mode os.FileMode
-		}{pinListeners: {65534, 0o600}, pinLink: {0, 0o600}, pinPorts: {0, 0o644}, pinCounters: {0, 0o644}} {
+		}{pinListeners: {65534, 0o600}, pinLink: {0, 0o600}, pinPorts: {0, 0o644}, pinCounters: {0, 0o644},
+			pinAcctLink: {0, 0o600}, pinAcct: {0, 0o644}, pinAcctPorts: {0, 0o644}} {
 			fi, err := os.Stat(filepath.Join(pinDir, name))
 			if err != nil {
 				t.Errorf("pin %s: %v", name, err)
@@ -124,9 +129,34 @@ func TestSteeringLoadRegisterCountDelete(t *testing.T) {
 			if la := a.LocalAddr().(*net.TCPAddr); la.Port != 443 {
 				t.Errorf("accepted socket local address %v, want port 443", la)
 			}
+			// 1000 bytes in, 500 out, for the kernel's accounting.
+			c.Write(make([]byte, 1000))
+			io.ReadFull(a, make([]byte, 1000))
+			a.Write(make([]byte, 500))
+			io.ReadFull(c, make([]byte, 500))
 			a.Close()
 			c.Close()
 		}
+		// The kernel accounted both connections at close.
+		want := PortAccount{Port: 443, Accepted: 2, Closed: 2, BytesIn: 2000, BytesOut: 1000}
+		var acct []PortAccount
+		for i := 0; i < 100; i++ {
+			acct, err = ReadAccounting(pinDir)
+			if err == nil && len(acct) == 3 && acct[1] == want {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err != nil || len(acct) != 3 || acct[1] != want || acct[0].Accepted != 0 {
+			t.Errorf("kernel accounting %+v (%v), want 80, %+v, 8443", acct, err, want)
+		}
+		acctLink, err := link.LoadPinnedLink(filepath.Join(pinDir, pinAcctLink), nil)
+		if err != nil {
+			t.Errorf("accounting link pin: %v", err)
+			return
+		}
+		acctInfo, _ := acctLink.Info()
+		acctLink.Close()
 		pcs, err := s.Counters()
 		if err != nil || len(pcs) != 2 || pcs[1].Port != 443 || pcs[1].Steered != 2 || pcs[0].Steered != 0 {
 			t.Errorf("counters %+v (%v), want exactly 2 steered on 443", pcs, err)
@@ -148,6 +178,10 @@ func TestSteeringLoadRegisterCountDelete(t *testing.T) {
 		}
 		if _, err := ebpf.NewProgramFromID(ebpf.ProgramID(st2.ProgID)); err == nil {
 			t.Error("program still loaded after delete")
+		}
+		if l, err := link.NewFromID(acctInfo.ID); err == nil {
+			l.Close()
+			t.Error("sock_ops accounting still attached after delete")
 		}
 		if _, err := Show(pinDir); !errors.Is(err, ErrNotLoaded) {
 			t.Errorf("show after delete: %v, want ErrNotLoaded", err)

@@ -70,6 +70,12 @@ func printBPFStats(w io.Writer, cfg *config.Config) {
 	for _, p := range pcs {
 		fmt.Fprintf(w, "  port %d: steered %d, no socket %d, assign errors %d\n", p.Port, p.Steered, p.NoSocket, p.AssignError)
 	}
+	if acct, err := bpf.ReadAccounting(cfg.Steer.PinDir); err == nil {
+		fmt.Fprintln(w, "bpf kernel connection accounting (sock_ops, every close counted):")
+		for _, a := range acct {
+			fmt.Fprintf(w, "  port %d: accepted %d, closed %d, bytes from clients %d, to clients %d\n", a.Port, a.Accepted, a.Closed, a.BytesIn, a.BytesOut)
+		}
+	}
 	if up, down, err := bpf.ReadSplicedBytes(cfg.Steer.PinDir); err == nil {
 		fmt.Fprintf(w, "bpf sockmap splice: %d bytes client->upstream, %d upstream->client moved in the kernel\n", up, down)
 	} else if !errors.Is(err, bpf.ErrSpliceNotLoaded) {

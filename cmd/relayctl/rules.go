@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/user"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -268,6 +269,12 @@ func printRules(e *env, rep *rulesReport) {
 		for _, p := range st.Ports {
 			fmt.Fprintf(w, "  port %d -> listener slot %d: steered %d, no socket %d, assign errors %d\n", p.Port, p.Slot, p.Steered, p.NoSocket, p.AssignError)
 		}
+		if len(st.Accounting) > 0 {
+			fmt.Fprintln(w, "bpf: kernel connection accounting (sock_ops):")
+			for _, a := range st.Accounting {
+				fmt.Fprintf(w, "  port %d: accepted %d, closed %d, bytes from clients %d, to clients %d\n", a.Port, a.Accepted, a.Closed, a.BytesIn, a.BytesOut)
+			}
+		}
 		if sp := st.Splice; sp != nil {
 			fmt.Fprintf(w, "bpf: sockmap splice loaded: %d bytes client->upstream, %d upstream->client moved in the kernel\n", sp.UpstreamBytes, sp.DownstreamBytes)
 		} else {
@@ -321,7 +328,19 @@ func applyBPF(cfg *config.Config, uid int, dryRun bool, rep *rulesReport) (bool,
 			splice = false
 		}
 	}
-	st, err := bpf.Apply(bpf.Options{PinDir: cfg.Steer.PinDir, Ports: ports, OwnerUID: uid, OwnerGID: gid, Splice: splice})
+	// The kernel accounts connections on the steered ports (sk_lookup
+	// hands them over with their original port) and on the relay's
+	// listen ports (where REDIRECT sends them).
+	var acct []uint16
+	for _, p := range ports {
+		acct = append(acct, p.Port)
+	}
+	for _, a := range []string{cfg.Listen.HTTPS, cfg.Listen.HTTP} {
+		if p, err := portOf(a); err == nil && !slices.Contains(acct, p) {
+			acct = append(acct, p)
+		}
+	}
+	st, err := bpf.Apply(bpf.Options{PinDir: cfg.Steer.PinDir, Ports: ports, OwnerUID: uid, OwnerGID: gid, Splice: splice, AcctPorts: acct})
 	if err != nil {
 		if cfg.Steer.BPF == "on" {
 			return false, fmt.Errorf("BPF steering: %w", err)
@@ -337,6 +356,7 @@ func applyBPF(cfg *config.Config, uid int, dryRun bool, rep *rulesReport) (bool,
 	if splice {
 		action += "; sockmap splice loaded"
 	}
+	rep.Warnings = append(rep.Warnings, st.Warnings...)
 	rep.Changes = append(rep.Changes, redirect.Change{Family: "bpf", Action: action})
 	rep.BPFState = st
 	rep.BPF = "on"

@@ -394,7 +394,7 @@ routes:
 		}
 	}
 	metrics := n.run(t, "gw", "curl", "-s", "http://127.0.0.1:9090/metrics")
-	for _, want := range []string{`relay_bpf_attached 1`, `relay_bpf_steered_connections_total{port="443"} 2`} {
+	for _, want := range []string{`relay_bpf_attached 1`, `relay_bpf_steered_connections_total{port="443"} 2`, `relay_bpf_accepted_connections_total{port="443"} 2`} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %s:\n%s", want, grepLines(metrics, "relay_bpf"))
 		}
@@ -406,7 +406,7 @@ routes:
 	if out := n.run(t, "gw", asNobody(relayctlBin, "stats", "-c", cfg)...); !strings.Contains(out, "bpf sockmap splice: ") {
 		t.Errorf("relayctl stats lacks the sockmap splice counters:\n%s", out)
 	}
-	if out := n.run(t, "gw", relayctlBin, "rules", "show", "-c", cfg); !strings.Contains(out, "sockmap splice loaded") {
+	if out := n.run(t, "gw", relayctlBin, "rules", "show", "-c", cfg); !strings.Contains(out, "sockmap splice loaded") || !strings.Contains(out, "port 443: accepted 2, closed 2") {
 		t.Errorf("rules show lacks the sockmap splice:\n%s", out)
 	}
 
