@@ -114,3 +114,10 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 	}
 	return nil
 }
+
+// Leaf returns the certificate being served (for metrics).
+func (f *FileSource) Leaf() *x509.Certificate {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.cert.Leaf
+}

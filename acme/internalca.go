@@ -209,3 +209,14 @@ func (ca *InternalCA) issue(name string) (*tls.Certificate, error) {
 	leaf, _ := x509.ParseCertificate(der)
 	return &tls.Certificate{Certificate: [][]byte{der, ca.root.Raw}, PrivateKey: key, Leaf: leaf}, nil
 }
+
+// Leaves returns the leaf certificates issued so far (for metrics).
+func (ca *InternalCA) Leaves() []*x509.Certificate {
+	ca.mu.Lock()
+	defer ca.mu.Unlock()
+	out := make([]*x509.Certificate, 0, len(ca.leaves))
+	for _, c := range ca.leaves {
+		out = append(out, c.Leaf)
+	}
+	return out
+}

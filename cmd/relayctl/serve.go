@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -105,10 +106,13 @@ func cmdServe(e *env, args []string) error {
 	if mgr != nil {
 		opts.HTTPChallenges, opts.ALPNChallenges = mgr, mgr
 	}
+	certs.beginBuild()
 	srv, err := relay.New(opts)
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
+	certs.commitBuild(cfg)
+	reg.MustRegister(certs)
 	if st := attachBPF(srv, cfg, log); st != nil {
 		defer st.Close()
 	}
@@ -151,10 +155,12 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 			return
 		}
 		certs.setStateDir(cfg.StateDir)
+		certs.beginBuild()
 		if err := srv.Reload(cfg); err != nil {
 			log.Error("reload refused; the previous config keeps serving", "why", why, "err", err)
 			return
 		}
+		certs.commitBuild(cfg)
 		if certs.acme != nil {
 			certs.acme.SetNames(acmeNames(cfg))
 		}
@@ -200,6 +206,71 @@ type certSources struct {
 	caDir    string
 	warned   bool
 	acme     *acme.Manager // nil without acme.email
+
+	// File certificates of the routes being served (route match →
+	// source), and those of a config being built; for metrics.
+	files, building map[string]*acme.FileSource
+	acmeNames       map[string]bool
+}
+
+// beginBuild starts collecting the file certificates of a new config;
+// commitBuild makes them the served ones once the config is in use.
+func (c *certSources) beginBuild() {
+	c.mu.Lock()
+	c.building = map[string]*acme.FileSource{}
+	c.mu.Unlock()
+}
+
+func (c *certSources) commitBuild(cfg *config.Config) {
+	c.mu.Lock()
+	c.files, c.building = c.building, nil
+	c.acmeNames = map[string]bool{}
+	if c.acme != nil {
+		for _, n := range acmeNames(cfg) {
+			c.acmeNames[n] = true
+		}
+	}
+	c.mu.Unlock()
+}
+
+var certExpiryDesc = prometheus.NewDesc("relay_certificate_expiry_timestamp_seconds",
+	"Expiry (notAfter, Unix time) of each certificate served.", []string{"name", "issuer"}, nil)
+
+// Describe sends nothing: the ACME manager exports the same series for
+// its certificates, and an unchecked collector may share the name.
+func (c *certSources) Describe(chan<- *prometheus.Desc) {}
+
+// Collect exports the expiry of internal-CA leaves and certificate files
+// (ACME certificates are exported by the ACME manager).
+func (c *certSources) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	var leaves []*x509.Certificate
+	names := map[*x509.Certificate]string{}
+	if c.ca != nil {
+		leaves = c.ca.Leaves()
+	}
+	for match, f := range c.files {
+		l := f.Leaf()
+		names[l] = match
+		leaves = append(leaves, l)
+	}
+	skip := c.acmeNames
+	c.mu.Unlock()
+	seen := map[string]bool{}
+	for _, l := range leaves {
+		name := names[l]
+		if name == "" {
+			name = l.Subject.CommonName
+			if len(l.DNSNames) > 0 {
+				name = l.DNSNames[0]
+			}
+		}
+		if seen[name] || skip[name] {
+			continue
+		}
+		seen[name] = true
+		ch <- prometheus.MustNewConstMetric(certExpiryDesc, prometheus.GaugeValue, float64(l.NotAfter.Unix()), name, l.Issuer.CommonName)
+	}
 }
 
 func (c *certSources) setStateDir(d string) {
@@ -226,7 +297,11 @@ func (c *certSources) forRoute(r *config.Route) (relay.CertSource, error) {
 	defer c.mu.Unlock()
 	switch r.Terminate.TLS.Mode {
 	case "files":
-		return acme.NewFileSource(r.Terminate.TLS.Cert, r.Terminate.TLS.Key)
+		f, err := acme.NewFileSource(r.Terminate.TLS.Cert, r.Terminate.TLS.Key)
+		if err == nil && c.building != nil {
+			c.building[r.Match] = f
+		}
+		return f, err
 	case "acme":
 		if c.acme != nil {
 			return c.acme, nil

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -108,6 +110,14 @@ func TestServeUnprivileged(t *testing.T) {
 		fmt.Fprintf(w, "app xff=%s", r.Header.Get("X-Forwarded-For"))
 	}))
 
+	// A terminate route with certificate files.
+	fileCert := selfSignedForTest(t, "files.test")
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(fileCert.PrivateKey)
+	certFile, keyFile := filepath.Join(dir, "files.pem"), filepath.Join(dir, "files.key")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: fileCert.Certificate[0]}), 0o644)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o644)
+	fileLeaf, _ := x509.ParseCertificate(fileCert.Certificate[0])
+
 	https, httpp, metrics := freePort(t), freePort(t), freePort(t)
 	cfg := filepath.Join(dir, "relay.yaml")
 	os.WriteFile(cfg, []byte(fmt.Sprintf(`
@@ -119,7 +129,9 @@ routes:
     passthrough: %s
   - match: app.test
     terminate: {upstream: "http://%s", tls: internal}
-`, state, https, httpp, metrics, upLn.Addr(), appLn.Addr())), 0o644)
+  - match: files.test
+    terminate: {upstream: "http://%s", tls: {cert: %s, key: %s}}
+`, state, https, httpp, metrics, upLn.Addr(), appLn.Addr(), appLn.Addr(), certFile, keyFile)), 0o644)
 
 	cmd := exec.Command(relayctlBin, "serve", "-c", cfg)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
@@ -173,6 +185,12 @@ routes:
 	if fi, err := os.Stat(filepath.Join(state, "ca")); err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 {
 		t.Errorf("internal CA dir not created by uid 65534: %v", err)
 	}
+	// Every certificate served has its expiry exported, not only ACME's.
+	rootCert, _ := pem.Decode(rootPEM)
+	root, _ := x509.ParseCertificate(rootCert.Bytes)
+	waitMetric(t, metrics, fmt.Sprintf(`relay_certificate_expiry_timestamp_seconds{issuer=%q,name="app.test"}`, root.Subject.CommonName))
+	waitMetric(t, metrics, fmt.Sprintf(`relay_certificate_expiry_timestamp_seconds{issuer="files.test (upstream)",name="files.test"} %s`,
+		strconv.FormatFloat(float64(fileLeaf.NotAfter.Unix()), 'g', -1, 64)))
 
 	// Editing the file reloads it: a broken edit is refused (the old
 	// routes keep serving), a good one adds the new route.
