@@ -699,3 +699,9 @@ func ListStored(stateDir string) ([]CertInfo, error) {
 	}
 	return out, nil
 }
+
+// Collectors are the manager's metrics, for a caller that registers them
+// itself (Options.Registry nil), e.g. to swap managers on reload.
+func (m *Manager) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.expiry, m.orders}
+}

@@ -30,16 +30,14 @@ func TestServeACME(t *testing.T) {
 
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "relay.yaml")
+	// First without acme.email: tls: acme routes use the internal CA.
 	os.WriteFile(cfg, []byte(fmt.Sprintf(`
 state_dir: %s
 listen: {https: "127.0.0.1:%d", http: "127.0.0.1:%d", metrics: "127.0.0.1:%d"}
-acme: {email: admin@relay.test, ca: %q, ca_root: %q}
 routes:
   - match: app.acme.test
     terminate: {upstream: "http://%s", tls: acme}
-  - match: two.acme.test
-    terminate: {upstream: "http://%s", tls: acme}
-`, dir, https, httpp, metrics, peb.Dir, peb.CARoot, appLn.Addr(), appLn.Addr())), 0o644)
+`, dir, https, httpp, metrics, appLn.Addr())), 0o644)
 	cmd := exec.Command(relayctlBin, "serve", "-c", cfg)
 	var logs bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
@@ -54,6 +52,28 @@ routes:
 		}
 	}()
 	waitHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", metrics))
+	waitMetric(t, metrics, `relay_acme_orders_total{result="success"} 0`)
+	c, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", https), &tls.Config{ServerName: "app.acme.test", InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if iss := c.ConnectionState().PeerCertificates[0].Issuer.CommonName; !strings.HasPrefix(iss, "relay internal CA") {
+		t.Errorf("without acme.email: certificate from %q, want the internal CA", iss)
+	}
+	c.Close()
+
+	// Adding acme: to the running relay's config (a reload) starts ACME:
+	// no restart needed.
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`
+state_dir: %s
+listen: {https: "127.0.0.1:%d", http: "127.0.0.1:%d", metrics: "127.0.0.1:%d"}
+acme: {email: admin@relay.test, ca: %q, ca_root: %q}
+routes:
+  - match: app.acme.test
+    terminate: {upstream: "http://%s", tls: acme}
+  - match: two.acme.test
+    terminate: {upstream: "http://%s", tls: acme}
+`, dir, https, httpp, metrics, peb.Dir, peb.CARoot, appLn.Addr(), appLn.Addr())), 0o644)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", metrics))

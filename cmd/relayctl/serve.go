@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -80,19 +82,12 @@ func cmdServe(e *env, args []string) error {
 
 	reg := newRegistry()
 	certs := &certSources{stateDir: cfg.StateDir, log: log}
-	mgr, err := newACME(cfg, reg, log)
+	mgr, _, err := certs.prepareACME(cfg)
 	if err != nil {
 		return err
 	}
-	certs.acme = mgr
-	if mgr == nil {
-		// The series exist (at zero) without ACME too, so dashboards and
-		// alerts need no special case.
-		orders := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "relay_acme_orders_total", Help: "ACME certificate orders, by result."}, []string{"result"})
-		orders.WithLabelValues("success")
-		orders.WithLabelValues("failure")
-		reg.MustRegister(orders)
-	}
+	certs.setACME(mgr, acmeKey(cfg))
+	reg.MustRegister(acmeMetrics{certs})
 	opts := relay.Options{
 		Config:      cfg,
 		Certs:       certs.forRoute,
@@ -103,9 +98,9 @@ func cmdServe(e *env, args []string) error {
 	if sp := openSplicer(cfg, log); sp != nil {
 		opts.Splicer = sp
 	}
-	if mgr != nil {
-		opts.HTTPChallenges, opts.ALPNChallenges = mgr, mgr
-	}
+	// Challenges go to whichever ACME manager is current (reloads may
+	// replace it).
+	opts.HTTPChallenges, opts.ALPNChallenges = acmeChallenges{certs}, acmeChallenges{certs}
 	certs.beginBuild()
 	srv, err := relay.New(opts)
 	if err != nil {
@@ -119,10 +114,7 @@ func cmdServe(e *env, args []string) error {
 
 	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()
-	if mgr != nil {
-		mgr.SetNames(acmeNames(cfg))
-		go mgr.Run(ctx)
-	}
+	certs.runACME(ctx, mgr, cfg)
 	go watchReload(ctx, cfg.Path, srv, certs, log)
 	return srv.Serve(ctx)
 }
@@ -154,15 +146,32 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 			log.Error("reload refused; the previous config keeps serving", "why", why, "err", err)
 			return
 		}
-		certs.setStateDir(cfg.StateDir)
+		// A changed acme: block (or a first acme route) gets a new
+		// manager; routes are built with it, and it starts running only
+		// once the config is in use.
+		mgr, fresh, err := certs.prepareACME(cfg)
+		if err != nil {
+			srv.RecordReloadFailure()
+			log.Error("reload refused; the previous config keeps serving", "why", why, "err", err)
+			return
+		}
+		prev, prevKey := certs.setACME(mgr, acmeKey(cfg))
+		prevDir := certs.setStateDir(cfg.StateDir)
 		certs.beginBuild()
 		if err := srv.Reload(cfg); err != nil {
+			certs.setACME(prev, prevKey)
+			certs.setStateDir(prevDir)
 			log.Error("reload refused; the previous config keeps serving", "why", why, "err", err)
 			return
 		}
 		certs.commitBuild(cfg)
-		if certs.acme != nil {
-			certs.acme.SetNames(acmeNames(cfg))
+		if fresh || mgr == nil {
+			certs.runACME(ctx, mgr, cfg)
+			if fresh {
+				log.Info("acme settings changed: new ACME manager running", "ca", cfg.ACME.CA)
+			}
+		} else {
+			mgr.SetNames(acmeNames(cfg))
 		}
 	}
 	// Debounce: editors write several events per save.
@@ -206,6 +215,8 @@ type certSources struct {
 	caDir    string
 	warned   bool
 	acme     *acme.Manager // nil without acme.email
+	acmeKey  string
+	acmeStop context.CancelFunc
 
 	// File certificates of the routes being served (route match →
 	// source), and those of a config being built; for metrics.
@@ -273,10 +284,107 @@ func (c *certSources) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-func (c *certSources) setStateDir(d string) {
+func (c *certSources) setStateDir(d string) (prev string) {
 	c.mu.Lock()
-	c.stateDir = d
+	prev, c.stateDir = c.stateDir, d
 	c.mu.Unlock()
+	return prev
+}
+
+// acmeKey identifies the ACME settings a manager was built with.
+func acmeKey(cfg *config.Config) string {
+	b, _ := json.Marshal(struct {
+		A config.ACME
+		S string
+	}{cfg.ACME, cfg.StateDir})
+	return string(b)
+}
+
+// prepareACME returns the ACME manager cfg wants: the current one when the
+// settings did not change (fresh false), a new one not yet running, or nil
+// when no route needs ACME (or acme.email is unset).
+func (c *certSources) prepareACME(cfg *config.Config) (m *acme.Manager, fresh bool, err error) {
+	if cfg.ACME.Email == "" || len(acmeNames(cfg)) == 0 {
+		return nil, false, nil
+	}
+	c.mu.Lock()
+	cur, key := c.acme, c.acmeKey
+	c.mu.Unlock()
+	if cur != nil && key == acmeKey(cfg) {
+		return cur, false, nil
+	}
+	m, err = newACME(cfg, c.log)
+	return m, err == nil, err
+}
+
+// setACME makes m the manager routes and challenges use.
+func (c *certSources) setACME(m *acme.Manager, key string) (prev *acme.Manager, prevKey string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	prev, prevKey = c.acme, c.acmeKey
+	c.acme, c.acmeKey = m, key
+	return prev, prevKey
+}
+
+// runACME stops the running manager's loop and starts m's (nil: none).
+func (c *certSources) runACME(ctx context.Context, m *acme.Manager, cfg *config.Config) {
+	c.mu.Lock()
+	stop := c.acmeStop
+	c.acmeStop = nil
+	if m != nil {
+		var mctx context.Context
+		mctx, c.acmeStop = context.WithCancel(ctx)
+		m.SetNames(acmeNames(cfg))
+		go m.Run(mctx)
+	}
+	c.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+func (c *certSources) current() *acme.Manager {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.acme
+}
+
+// acmeChallenges answers ACME challenges with the current manager.
+type acmeChallenges struct{ c *certSources }
+
+func (a acmeChallenges) HTTP01(host, token string) (string, bool) {
+	if m := a.c.current(); m != nil {
+		return m.HTTP01(host, token)
+	}
+	return "", false
+}
+
+func (a acmeChallenges) TLSALPN01(name string) (*tls.Certificate, bool) {
+	if m := a.c.current(); m != nil {
+		return m.TLSALPN01(name)
+	}
+	return nil, false
+}
+
+var ordersDesc = prometheus.NewDesc("relay_acme_orders_total", "ACME certificate orders, by result.", []string{"result"}, nil)
+
+// acmeMetrics exports the current manager's series; without ACME the
+// order counters exist at zero, so dashboards and alerts need no special
+// case.
+type acmeMetrics struct{ c *certSources }
+
+func (a acmeMetrics) Describe(chan<- *prometheus.Desc) {}
+
+func (a acmeMetrics) Collect(ch chan<- prometheus.Metric) {
+	if m := a.c.current(); m != nil {
+		for _, col := range m.Collectors() {
+			col.Collect(ch)
+		}
+		return
+	}
+	for _, r := range []string{"success", "failure"} {
+		ch <- prometheus.MustNewConstMetric(ordersDesc, prometheus.CounterValue, 0, r)
+	}
 }
 
 func (c *certSources) internalCA() (*acme.InternalCA, error) {
@@ -326,11 +434,9 @@ func newRegistry() *prometheus.Registry {
 	return reg
 }
 
-// newACME builds the ACME manager when acme.email is set.
-func newACME(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (*acme.Manager, error) {
-	if cfg.ACME.Email == "" || len(acmeNames(cfg)) == 0 {
-		return nil, nil
-	}
+// newACME builds an ACME manager for cfg (its metrics are exported by
+// acmeMetrics).
+func newACME(cfg *config.Config, log *slog.Logger) (*acme.Manager, error) {
 	dns, err := dnsProvider(cfg.ACME.DNS)
 	if err != nil {
 		return nil, err
@@ -338,7 +444,7 @@ func newACME(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (*
 	o := acme.Options{
 		Email: cfg.ACME.Email, CA: cfg.ACME.CA, CARoot: cfg.ACME.CARoot, Profile: cfg.ACME.Profile,
 		KeyType: cfg.ACME.KeyType, StateDir: cfg.StateDir, Challenges: cfg.ACME.Challenges,
-		Logger: log, Registry: reg,
+		Logger: log,
 	}
 	if dns != nil {
 		o.DNS = dns
