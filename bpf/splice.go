@@ -154,6 +154,7 @@ type Splicer struct {
 	// Limit is the per-socket bound on bytes in flight (DefaultSpliceLimit).
 	Limit uint32
 	bufs  sync.Pool
+	poll  poller
 }
 
 // OpenSplicer opens the splice pins in pinDir; ErrSpliceNotLoaded when absent.
@@ -260,61 +261,60 @@ func (e *end) queued() (uint64, error) {
 // Splice hands client and upstream to the kernel: bytes go from one to
 // the other without entering this process until a peer stops reading
 // (then the process copies, bounded by a blocking write). pre is written
-// to upstream first (the peeked ClientHello). It returns when both
-// directions ended, with the bytes moved each way (pre not included).
-// ErrSpliceFallback: nothing happened, relay the pair another way.
-func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration) (up, down int64, err error) {
+// to upstream first (the peeked ClientHello). Splice returns once the pair
+// is armed; done is called once, from another goroutine, when both
+// directions have ended (with the bytes moved each way, pre not
+// included), or the pair failed, went idle for idle, or ctx was canceled.
+// No goroutine waits on an armed pair: one poller watches every handed-off
+// socket and starts a short-lived worker only when the verdict passed
+// something (data under pressure, or the FIN).
+//
+// ErrSpliceFallback: nothing happened, relay the pair another way. Any
+// other error: the pair is unusable and done is not called.
+func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration, done func(up, down int64, err error)) error {
 	ce, err := newEnd(client)
 	if err != nil {
-		return 0, 0, errors.Join(ErrSpliceFallback, err)
+		return errors.Join(ErrSpliceFallback, err)
 	}
 	ue, err := newEnd(upstream)
 	if err != nil {
-		return 0, 0, errors.Join(ErrSpliceFallback, err)
+		return errors.Join(ErrSpliceFallback, err)
 	}
 	// Bytes already queued on a socket when it is inserted bypass the
 	// verdict's bookkeeping; a client that sent more than its hello
 	// (0-RTT) is relayed by splice(2).
 	if ce.inq() != 0 || ue.inq() != 0 {
-		return 0, 0, ErrSpliceFallback
+		return ErrSpliceFallback
 	}
-	cfgUp := spliceSpliceCfg{Peer: ue.cookie, Written: uint64(len(pre)), Limit: s.Limit, Dir: 0}
-	cfgDown := spliceSpliceCfg{Peer: ce.cookie, Limit: s.Limit, Dir: 1}
-	cleanup := func() {
-		for _, e := range []*end{ce, ue} {
-			s.socks.Delete(e.cookie)
-			s.cfg.Delete(e.cookie)
-			s.stat.Delete(e.cookie)
+	if err := s.poll.init(); err != nil {
+		return errors.Join(ErrSpliceFallback, err)
+	}
+	p := &pair{s: s, idle: idle, a: ce, b: ue, done: done}
+	p.up = &dir{p: p, src: ce, dst: ue, cfg: spliceSpliceCfg{Peer: ue.cookie, Written: uint64(len(pre)), Limit: s.Limit, Dir: 0}}
+	p.down = &dir{p: p, src: ue, dst: ce, cfg: spliceSpliceCfg{Peer: ce.cookie, Limit: s.Limit, Dir: 1}}
+	// The upstream goes in before it has the hello, so it is quiet: its
+	// answer can only come through the verdict.
+	for _, d := range []*dir{p.up, p.down} {
+		if err := s.arm(d.src, d.cfg); err != nil {
+			s.forgetMaps(p)
+			return errors.Join(ErrSpliceFallback, err)
 		}
 	}
-	if err := s.arm(ce, cfgUp); err != nil {
-		cleanup()
-		return 0, 0, errors.Join(ErrSpliceFallback, err)
-	}
-	// The upstream goes in before it has the hello, so it is quiet: its
-	// answer can only come through the verdict. Until the client is in
-	// too, that answer is passed and waits for the copier below.
-	if err := s.arm(ue, cfgDown); err != nil {
-		cleanup()
-		return 0, 0, errors.Join(ErrSpliceFallback, err)
-	}
-	defer cleanup()
 	upstream.SetWriteDeadline(time.Now().Add(30 * time.Second))
 	if _, err := upstream.Write(pre); err != nil {
-		return 0, 0, fmt.Errorf("replay hello: %w", err)
+		s.forgetMaps(p)
+		return fmt.Errorf("replay hello: %w", err)
 	}
 	upstream.SetWriteDeadline(time.Time{})
-
-	p := &pair{s: s, idle: idle, a: ce, b: ue}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		down = p.copy(ue, ce, &cfgDown)
-	}()
-	up = p.copy(ce, ue, &cfgUp)
-	wg.Wait()
-	return up, down, p.err()
+	if err := s.poll.watch(p); err != nil {
+		s.forgetMaps(p)
+		return err
+	}
+	p.stop = context.AfterFunc(ctx, func() { p.finish(context.Cause(ctx)) })
+	// Whatever arrived before the poller watched the sockets.
+	p.up.schedule()
+	p.down.schedule()
+	return nil
 }
 
 // arm creates the socket's bookkeeping, then inserts it (in that order:
@@ -332,148 +332,297 @@ func (s *Splicer) arm(e *end, cfg spliceSpliceCfg) error {
 	return nil
 }
 
+func (s *Splicer) forgetMaps(p *pair) {
+	for _, e := range []*end{p.a, p.b} {
+		s.socks.Delete(e.cookie)
+		s.cfg.Delete(e.cookie)
+		s.stat.Delete(e.cookie)
+	}
+}
+
+// poller watches the sockets of every spliced pair with one epoll set
+// (beside the Go runtime's own), edge-triggered: a wake-up means the
+// verdict passed something, the FIN came, or an error.
+type poller struct {
+	once  sync.Once
+	err   error
+	epfd  int
+	mu    sync.Mutex
+	dirs  map[int32]*dir
+	pairs map[*pair]time.Time // next idle check
+}
+
+func (pl *poller) init() error {
+	pl.once.Do(func() {
+		pl.epfd, pl.err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+		if pl.err != nil {
+			pl.err = fmt.Errorf("epoll: %w", pl.err)
+			return
+		}
+		pl.dirs = map[int32]*dir{}
+		pl.pairs = map[*pair]time.Time{}
+		go pl.loop()
+	})
+	return pl.err
+}
+
+func (pl *poller) watch(p *pair) error {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	for i, d := range []*dir{p.up, p.down} {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(d.src.fd)}
+		if err := unix.EpollCtl(pl.epfd, unix.EPOLL_CTL_ADD, d.src.fd, &ev); err != nil {
+			if i == 1 {
+				unix.EpollCtl(pl.epfd, unix.EPOLL_CTL_DEL, p.up.src.fd, nil)
+				delete(pl.dirs, int32(p.up.src.fd))
+			}
+			return fmt.Errorf("epoll add: %w", err)
+		}
+		pl.dirs[int32(d.src.fd)] = d
+	}
+	pl.pairs[p] = time.Now().Add(idleCheck(p.idle))
+	return nil
+}
+
+// forget stops watching p; called before its sockets are closed, so a
+// descriptor number reused later never reaches p.
+func (pl *poller) forget(p *pair) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if _, ok := pl.pairs[p]; !ok {
+		return
+	}
+	for _, d := range []*dir{p.up, p.down} {
+		unix.EpollCtl(pl.epfd, unix.EPOLL_CTL_DEL, d.src.fd, nil)
+		delete(pl.dirs, int32(d.src.fd))
+	}
+	delete(pl.pairs, p)
+}
+
+func idleCheck(idle time.Duration) time.Duration {
+	return min(max(idle/4, time.Second), time.Minute)
+}
+
+func (pl *poller) loop() {
+	events := make([]unix.EpollEvent, 256)
+	var ready []*dir
+	for {
+		n, err := unix.EpollWait(pl.epfd, events, 1000)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		now := time.Now()
+		var idle []*pair
+		pl.mu.Lock()
+		for i := 0; i < n; i++ {
+			if d := pl.dirs[events[i].Fd]; d != nil {
+				ready = append(ready, d)
+			}
+		}
+		for p, next := range pl.pairs {
+			if now.After(next) {
+				pl.pairs[p] = now.Add(idleCheck(p.idle))
+				idle = append(idle, p)
+			}
+		}
+		pl.mu.Unlock()
+		for _, d := range ready {
+			d.schedule()
+		}
+		clear(ready)
+		ready = ready[:0]
+		for _, p := range idle {
+			if idleFor(p.a) >= p.idle && idleFor(p.b) >= p.idle {
+				p.finish(ErrIdle)
+			}
+		}
+	}
+}
+
+// pair is a client and an upstream socket handed to the kernel.
 type pair struct {
-	s      *Splicer
-	idle   time.Duration
-	a, b   *end
-	once   sync.Once
-	first  error
-	closed atomic.Bool
-}
-
-func (p *pair) fail(err error) {
-	p.once.Do(func() { p.first = err })
-	if p.closed.CompareAndSwap(false, true) {
-		p.a.c.Close()
-		p.b.c.Close()
-	}
-}
-
-func (p *pair) err() error {
-	if p.first == nil || errors.Is(p.first, net.ErrClosed) || errors.Is(p.first, syscall.ECONNRESET) || errors.Is(p.first, syscall.EPIPE) {
-		return nil
-	}
-	return p.first
+	s        *Splicer
+	idle     time.Duration
+	a, b     *end
+	up, down *dir
+	closed   atomic.Bool
+	once     sync.Once
+	done     func(up, down int64, err error)
+	stop     func() bool
 }
 
 // ErrIdle ends a spliced pair on which neither side received data for the idle timeout.
 var ErrIdle = errors.New("idle timeout")
 
-// copy serves one direction: it waits for what the verdict passes (data
-// under pressure, or the FIN), writes it to dst once every redirected
-// byte is in dst's send queue (so nothing is reordered), and passes the
-// half-close on after the same drain. It never reads more than the
-// verdict passed, so it cannot take bytes the verdict has not seen. It
-// returns the bytes moved.
-func (p *pair) copy(src, dst *end, cfg *spliceSpliceCfg) int64 {
-	tick := min(p.idle, time.Minute)
-	var copied uint64
-	done := func(err error) int64 {
-		if err != nil && !p.closed.Load() {
-			p.fail(err)
+// finish ends the pair once: the poller forgets it, the maps drop it,
+// on error both sockets are closed, and done gets the byte counts.
+func (p *pair) finish(err error) {
+	p.once.Do(func() {
+		p.closed.Store(true)
+		p.s.poll.forget(p)
+		if p.stop != nil {
+			p.stop()
 		}
-		return int64(p.redirected(src) + copied)
-	}
+		up, down := p.up.moved(), p.down.moved()
+		p.s.forgetMaps(p)
+		if err != nil {
+			p.a.c.Close()
+			p.b.c.Close()
+		}
+		if errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+			err = nil
+		}
+		p.done(int64(up), int64(down), err)
+	})
+}
+
+// dir is one direction of a pair: bytes arriving on src go to dst.
+type dir struct {
+	p        *pair
+	src, dst *end
+	cfg      spliceSpliceCfg // the worker's; written to the map after each copy
+	copied   atomic.Uint64   // by the process (under pressure)
+	state    atomic.Int32    // 0 idle, 1 worker running, 2 running and woken again
+	ended    atomic.Bool     // FIN passed on
+}
+
+// moved is the bytes of this direction: redirected in the kernel plus
+// copied by the process.
+func (d *dir) moved() uint64 {
+	var st spliceSpliceStat
+	d.p.s.stat.Lookup(d.src.cookie, &st)
+	return st.Redirected + d.copied.Load()
+}
+
+// schedule runs a worker for d, or tells the running one to look again.
+func (d *dir) schedule() {
 	for {
-		var (
-			n     int
-			rerr  error
-			buf   *[]byte
-			fin   bool
-			stErr error
-		)
-		src.c.SetReadDeadline(time.Now().Add(tick))
-		err := src.rc.Read(func(fd uintptr) bool {
-			var st spliceSpliceStat
-			if stErr = p.s.stat.Lookup(src.cookie, &st); stErr != nil {
-				return true
+		switch d.state.Load() {
+		case 0:
+			if d.state.CompareAndSwap(0, 1) {
+				go d.work()
+				return
 			}
-			if want := st.Passed - cfg.Consumed; want > 0 {
-				buf = p.s.bufs.Get().(*[]byte)
-				n, rerr = unix.Read(int(fd), (*buf)[:min(uint64(len(*buf)), want)])
-				if rerr == unix.EAGAIN { // counted, not queued yet
-					p.s.bufs.Put(buf)
-					buf = nil
-					return false
-				}
-				return true
+		case 1:
+			if d.state.CompareAndSwap(1, 2) {
+				return
 			}
-			// Nothing passed: a wake-up means the FIN or an error.
-			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
-			if k, _ := unix.Poll(pfd, 0); k > 0 {
-				if pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
-					_, rerr = unix.Read(int(fd), nil)
-					if rerr == nil {
-						rerr = syscall.ECONNRESET
-					}
-					return true
-				}
-				fin = pfd[0].Revents&unix.POLLRDHUP != 0
-				return fin
-			}
-			return false
-		})
-		if err == nil {
-			err = errors.Join(rerr, stErr)
+		default:
+			return
 		}
-		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			if idleFor(p.a) >= p.idle && idleFor(p.b) >= p.idle {
-				p.fail(ErrIdle)
-				return done(nil)
+	}
+}
+
+func (d *dir) work() {
+	for {
+		if !d.ended.Load() && !d.p.closed.Load() {
+			d.process()
+		}
+		if d.state.CompareAndSwap(1, 0) {
+			return
+		}
+		d.state.Store(1)
+	}
+}
+
+// process copies what the verdict passed (never more, so it cannot take
+// bytes the verdict has not seen) to dst once every redirected byte is in
+// dst's send queue, so nothing is reordered, and passes the half-close on
+// after the same drain. It returns when nothing more is ready.
+func (d *dir) process() {
+	p := d.p
+	for {
+		var st spliceSpliceStat
+		if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
+			p.finish(fmt.Errorf("splice stat: %w", err))
+			return
+		}
+		if want := st.Passed - d.cfg.Consumed; want > 0 {
+			buf := p.s.bufs.Get().(*[]byte)
+			var (
+				n    int
+				rerr error
+			)
+			d.src.rc.Control(func(fd uintptr) { n, rerr = unix.Read(int(fd), (*buf)[:min(uint64(len(*buf)), want)]) })
+			switch {
+			case rerr == unix.EAGAIN || rerr == unix.EINTR: // counted, not queued yet: a wake-up follows
+				p.s.bufs.Put(buf)
+				return
+			case rerr != nil:
+				p.s.bufs.Put(buf)
+				p.finish(rerr)
+				return
+			case n == 0:
+				p.s.bufs.Put(buf)
+				p.finish(errors.New("sockmap splice: the socket ended before the bytes its verdict passed"))
+				return
+			}
+			err := p.drain(d, 0)
+			if err == nil {
+				err = p.room(d, uint64(n))
+			}
+			if err == nil {
+				_, err = d.dst.c.Write((*buf)[:n])
+			}
+			p.s.bufs.Put(buf)
+			if err != nil {
+				p.finish(err)
+				return
+			}
+			d.copied.Add(uint64(n))
+			d.cfg.Written += uint64(n)
+			d.cfg.Consumed += uint64(n)
+			if err := p.s.cfg.Put(d.src.cookie, d.cfg); err != nil {
+				p.finish(fmt.Errorf("splice cfg: %w", err))
+				return
 			}
 			continue
-		case err != nil:
-			if buf != nil {
-				p.s.bufs.Put(buf)
+		}
+		// Nothing passed: the FIN, an error, or a wake-up for redirected bytes.
+		var (
+			revents int16
+			soErr   int
+		)
+		d.src.rc.Control(func(fd uintptr) {
+			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+			if k, _ := unix.Poll(pfd, 0); k > 0 {
+				revents = pfd[0].Revents
 			}
-			// src failed (e.g. reset); what it redirected before still
-			// goes out before dst is closed.
-			if !p.closed.Load() {
-				p.drain(src, dst, cfg, time.Second)
+			if revents&unix.POLLERR != 0 {
+				soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
 			}
-			return done(err)
-		case fin:
+		})
+		switch {
+		case revents&(unix.POLLERR|unix.POLLNVAL) != 0:
+			// Reset: what src redirected before still goes out first.
+			p.drain(d, time.Second)
+			err := error(syscall.ECONNRESET)
+			if soErr != 0 {
+				err = syscall.Errno(soErr)
+			}
+			p.finish(err)
+		case revents&(unix.POLLRDHUP|unix.POLLHUP) != 0:
 			// The FIN comes after every byte before it was redirected or
-			// passed; passed ones were all consumed (Passed == Consumed).
-			if err := p.drain(src, dst, cfg, 0); err != nil {
-				return done(err)
+			// passed, and the passed ones were all copied.
+			if err := p.drain(d, 0); err != nil {
+				p.finish(err)
+				return
 			}
-			dst.c.CloseWrite()
-			return done(nil)
-		case n == 0:
-			p.s.bufs.Put(buf)
-			return done(errors.New("sockmap splice: the socket ended before the bytes its verdict passed"))
+			d.dst.c.CloseWrite()
+			d.ended.Store(true)
+			if p.up.ended.Load() && p.down.ended.Load() {
+				p.finish(nil)
+			}
 		}
-		werr := p.drain(src, dst, cfg, 0)
-		if werr == nil {
-			_, werr = dst.c.Write((*buf)[:n])
-		}
-		p.s.bufs.Put(buf)
-		if werr != nil {
-			return done(werr)
-		}
-		copied += uint64(n)
-		cfg.Written += uint64(n)
-		cfg.Consumed += uint64(n)
-		if err := p.s.cfg.Put(src.cookie, *cfg); err != nil {
-			return done(fmt.Errorf("splice cfg: %w", err))
-		}
+		return
 	}
 }
 
-func (p *pair) redirected(src *end) uint64 {
-	var st spliceSpliceStat
-	if err := p.s.stat.Lookup(src.cookie, &st); err != nil {
-		return 0
-	}
-	return st.Redirected
-}
-
-// drain waits until every byte redirected from src so far sits in dst's
-// send queue (or was acknowledged), so that what the process writes next,
-// or the FIN, comes after it. max > 0 bounds the wait.
-func (p *pair) drain(src, dst *end, cfg *spliceSpliceCfg, max time.Duration) error {
+// drain waits until every byte redirected from d.src so far sits in
+// d.dst's send queue (or was acknowledged), so that what the process
+// writes next, or the FIN, comes after it. max > 0 bounds the wait.
+func (p *pair) drain(d *dir, max time.Duration) error {
 	wait := 50 * time.Microsecond
 	var until time.Time
 	if max > 0 {
@@ -481,14 +630,14 @@ func (p *pair) drain(src, dst *end, cfg *spliceSpliceCfg, max time.Duration) err
 	}
 	for {
 		var st spliceSpliceStat
-		if err := p.s.stat.Lookup(src.cookie, &st); err != nil {
+		if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
 			return fmt.Errorf("splice stat: %w", err)
 		}
-		q, err := dst.queued()
+		q, err := d.dst.queued()
 		if err != nil {
 			return err
 		}
-		if q >= st.Redirected+cfg.Written {
+		if q >= st.Redirected+d.cfg.Written {
 			return nil
 		}
 		if p.closed.Load() {
@@ -500,6 +649,49 @@ func (p *pair) drain(src, dst *end, cfg *spliceSpliceCfg, max time.Duration) err
 		time.Sleep(wait)
 		wait = min(2*wait, 5*time.Millisecond)
 	}
+}
+
+// room waits until n more bytes keep d within its in-flight limit (bytes
+// given to dst and not acknowledged), the bound the verdict applies to
+// redirected bytes: the process's own copies obey it too, so a peer that
+// never reads holds at most the limit plus src's receive buffer.
+func (p *pair) room(d *dir, n uint64) error {
+	wait := 50 * time.Microsecond
+	for {
+		var st spliceSpliceStat
+		if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
+			return fmt.Errorf("splice stat: %w", err)
+		}
+		acked, err := d.dst.acked()
+		if err != nil {
+			return err
+		}
+		if st.Redirected+d.cfg.Written+n <= acked+uint64(d.cfg.Limit) {
+			return nil
+		}
+		if p.closed.Load() {
+			return net.ErrClosed
+		}
+		time.Sleep(wait)
+		wait = min(2*wait, 10*time.Millisecond)
+	}
+}
+
+// acked is the bytes of the socket's stream the peer acknowledged.
+func (e *end) acked() (uint64, error) {
+	var (
+		info *unix.TCPInfo
+		err  error
+	)
+	if cerr := e.rc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); cerr != nil {
+		return 0, cerr
+	}
+	if err != nil {
+		return 0, err
+	}
+	return info.Bytes_acked, nil
 }
 
 // idleFor is how long ago the socket last received data (tcp_info).

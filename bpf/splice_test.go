@@ -93,12 +93,14 @@ func newSplicedPair(t *testing.T, s *Splicer, pre []byte) *splicedPair {
 		t.Fatal(err)
 	}
 	p := &splicedPair{client: c.(*net.TCPConn), upstream: u.(*net.TCPConn), done: make(chan result, 1)}
-	go func() {
-		defer rc.Close()
-		defer ru.Close()
-		up, down, err := s.Splice(context.Background(), rc.(*net.TCPConn), ru.(*net.TCPConn), pre, time.Minute)
+	err = s.Splice(context.Background(), rc.(*net.TCPConn), ru.(*net.TCPConn), pre, time.Minute, func(up, down int64, err error) {
+		rc.Close()
+		ru.Close()
 		p.done <- result{up, down, err}
-	}()
+	})
+	if err != nil {
+		t.Fatalf("splice: %v", err)
+	}
 	t.Cleanup(func() { c.Close(); u.Close() })
 	// Splice has armed both sockets once the hello reached the upstream;
 	// a client that speaks before that is relayed by splice(2) instead.

@@ -33,14 +33,16 @@ type OriginalDst func(c *net.TCPConn) (dst netip.AddrPort, ok bool, err error)
 
 // Splicer moves bytes in the kernel both ways between two established TCP
 // connections (the BPF sockmap splice, `splice: sockmap`): it writes pre
-// (the peeked ClientHello) to upstream, then relays until both directions
-// have ended, propagating half-close; neither side may stay silent for
-// longer than idle. It returns the bytes moved client → upstream (pre not
-// included) and upstream → client. An error wrapping errors.ErrUnsupported
-// means it did nothing and the relay uses splice(2) for this connection.
-// Without a Splicer the relay uses splice(2).
+// (the peeked ClientHello) to upstream and hands the pair over, returning
+// at once; done is called once, later, when both directions have ended
+// (half-close propagated), the pair failed, neither side received data for
+// idle, or ctx was canceled, with the bytes moved client → upstream (pre
+// not included) and upstream → client. An error wrapping
+// errors.ErrUnsupported means it did nothing and the relay uses splice(2)
+// for this connection; any other error means the pair is unusable (done
+// is not called). Without a Splicer the relay uses splice(2).
 type Splicer interface {
-	Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration) (up, down int64, err error)
+	Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration, done func(up, down int64, err error)) error
 	// SplicedBytes are the bytes moved in the kernel so far, all connections.
 	SplicedBytes() (up, down uint64, err error)
 }

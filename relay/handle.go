@@ -137,7 +137,9 @@ func (s *Server) destination(c *net.TCPConn) (netip.AddrPort, bool) {
 var alertUnrecognizedName = []byte{0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x70}
 
 // handleTLS serves one connection on the https port.
-func (s *Server) handleTLS(c net.Conn) {
+// It reports whether the connection lives on (handed to the kernel) and
+// is released later.
+func (s *Server) handleTLS(c net.Conn) (detached bool) {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		s.log.Error("https listener returned a non-TCP connection", "type", fmt.Sprintf("%T", c))
@@ -178,10 +180,11 @@ func (s *Server) handleTLS(c net.Conn) {
 	case "passthrough":
 		s.releaseHandshake()
 		s.log.Debug("passthrough", "route", rt.label, "client", c.RemoteAddr(), "sni", hello.ServerName, "dst", dst, "transit", transit)
-		s.passthrough(tc, hello, rt, dst)
+		return s.passthrough(tc, hello, rt, dst)
 	case "terminate":
 		s.terminate(tc, hello, rt) // releases the handshake slot after the TLS handshake
 	}
+	return false
 }
 
 // acquireHandshake takes a max_handshakes slot, waiting at most wait.

@@ -22,22 +22,29 @@ var ErrIdle = errors.New("idle timeout")
 
 // passthrough relays client to an upstream of rt without decrypting:
 // dial, optional PROXY header, replay the peeked ClientHello, then splice.
-func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route, dst netip.AddrPort) {
+// It reports whether the connection was handed to the kernel (sockmap):
+// then it lives on after this returns and is released when it ends.
+func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route, dst netip.AddrPort) (detached bool) {
 	s.m.connections.WithLabelValues(rt.label, "passthrough").Inc()
 	active := s.m.active.WithLabelValues(rt.label, "passthrough")
 	active.Inc()
-	defer active.Dec()
-	lim := s.state.Load().cfg.Limits
+	st := s.state.Load()
+	lim := st.cfg.Limits
 
 	upConn, addr, err := rt.dial(context.Background(), lim.DialTimeout.D(), dst, func(err error) {
 		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
 	})
 	if err != nil {
+		active.Dec()
 		s.log.Warn("upstream unreachable", "route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "err", err)
-		return
+		return false
 	}
-	defer upConn.Close()
-	log := s.log.With("route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "upstream", addr)
+	// What the end of the connection needs, not the hello itself: a
+	// connection in the kernel keeps only this.
+	label, sni, clientAddr, helloLen := rt.label, hello.ServerName, client.RemoteAddr(), int64(len(hello.Raw))
+	logWarn := func(msg string, err error) {
+		s.log.Warn(msg, "route", label, "sni", sni, "client", clientAddr, "upstream", addr, "err", err)
+	}
 
 	var pre []byte
 	switch rt.proxyProtocol {
@@ -49,34 +56,47 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	pre = append(pre, hello.Raw...)
 	upBytes := s.m.bytes.WithLabelValues(rt.label, "upstream")
 	downBytes := s.m.bytes.WithLabelValues(rt.label, "downstream")
+	ended := func(up, down int64, err error, kernel bool) {
+		upConn.Close()
+		active.Dec()
+		if errors.Is(err, ErrIdle) {
+			s.m.limitRejections.WithLabelValues("idle_timeout").Inc()
+		}
+		s.log.Debug("passthrough done", "route", label, "sni", sni, "client", clientAddr, "upstream", addr,
+			"up", up+helloLen, "down", down, "kernel", kernel, "err", err)
+	}
 
-	var up, down int64
-	kernel := false
-	if s.splicer != nil && s.state.Load().cfg.Splice == "sockmap" {
-		up, down, err = s.splicer.Splice(context.Background(), client, upConn, pre, lim.IdleTimeout.D())
-		kernel = !errors.Is(err, errors.ErrUnsupported)
-		if kernel {
-			upBytes.Add(float64(up + int64(len(hello.Raw))))
+	if s.splicer != nil && st.cfg.Splice == "sockmap" && s.detach(client) {
+		err := s.splicer.Splice(s.hardCtx, client, upConn, pre, lim.IdleTimeout.D(), func(up, down int64, err error) {
+			upBytes.Add(float64(up + helloLen))
 			downBytes.Add(float64(down))
-		} else {
-			log.Debug("sockmap splice not possible; using splice(2)", "err", err)
+			ended(up, down, err, true)
+			s.release(client)
+		})
+		if err == nil {
+			return true
 		}
-	}
-	if !kernel {
-		upConn.SetWriteDeadline(time.Now().Add(lim.HelloTimeout.D()))
-		if _, err := upConn.Write(pre); err != nil {
+		s.undetach(client)
+		if !errors.Is(err, errors.ErrUnsupported) {
 			s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
-			log.Warn("replay hello to upstream", "err", err)
-			return
+			logWarn("sockmap splice", err)
+			ended(0, 0, err, true)
+			return false
 		}
-		upConn.SetWriteDeadline(time.Time{})
-		upBytes.Add(float64(len(hello.Raw)))
-		up, down, err = spliceCopier{}.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
+		s.log.Debug("sockmap splice not possible; using splice(2)", "route", label, "client", clientAddr, "err", err)
 	}
-	if errors.Is(err, ErrIdle) {
-		s.m.limitRejections.WithLabelValues("idle_timeout").Inc()
+	upConn.SetWriteDeadline(time.Now().Add(lim.HelloTimeout.D()))
+	if _, err := upConn.Write(pre); err != nil {
+		s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
+		logWarn("replay hello to upstream", err)
+		ended(0, 0, err, false)
+		return false
 	}
-	log.Debug("passthrough done", "up", up+int64(len(hello.Raw)), "down", down, "kernel", kernel, "err", err)
+	upConn.SetWriteDeadline(time.Time{})
+	upBytes.Add(float64(helloLen))
+	up, down, err := spliceCopier{}.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
+	ended(up, down, err, false)
+	return false
 }
 
 // passthroughHTTP relays a transparently redirected plain-HTTP connection

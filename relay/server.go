@@ -74,7 +74,12 @@ type Server struct {
 
 	mu      sync.Mutex
 	tracked map[net.Conn]bool // open client conns → routed yet; unrouted ones are closed at once on drain
-	closing bool
+	// detached: conns handed to the kernel splicer, released by it.
+	detached map[net.Conn]bool
+	// hardCtx is canceled when the drain timeout ends: spliced conns close.
+	hardCtx    context.Context
+	hardCancel context.CancelFunc
+	closing    bool
 
 	reloadMu sync.Mutex // serializes Reload
 }
@@ -86,13 +91,15 @@ func New(opts Options) (*Server, error) {
 		return nil, errors.New("relay: Options.Config is required")
 	}
 	s := &Server{
-		opts:    opts,
-		log:     opts.Logger,
-		reg:     opts.Registry,
-		isLocal: opts.IsLocal,
-		splicer: opts.Splicer,
-		tracked: map[net.Conn]bool{},
+		opts:     opts,
+		log:      opts.Logger,
+		reg:      opts.Registry,
+		isLocal:  opts.IsLocal,
+		splicer:  opts.Splicer,
+		tracked:  map[net.Conn]bool{},
+		detached: map[net.Conn]bool{},
 	}
+	s.hardCtx, s.hardCancel = context.WithCancel(context.Background())
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -255,10 +262,15 @@ func (s *Server) Serve(ctx context.Context) error {
 	select {
 	case <-done:
 	case <-dctx.Done():
+		// Connections in the kernel (sockmap) are ended by their
+		// splicer, which must stop watching them before they close.
+		s.hardCancel()
 		s.mu.Lock()
 		n := len(s.tracked)
 		for c := range s.tracked {
-			c.Close()
+			if !s.detached[c] {
+				c.Close()
+			}
 		}
 		s.mu.Unlock()
 		s.log.Warn("drain timeout: closed remaining connections", "connections", n)
@@ -289,7 +301,7 @@ func ignoreClosed(err error) error {
 
 // acceptLoop accepts until the listener closes. Temporary errors (EMFILE)
 // back off instead of spinning.
-func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn)) error {
+func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn) (detached bool)) error {
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -311,8 +323,9 @@ func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn)) error {
 			continue
 		}
 		go func() {
-			defer s.release(c)
-			handle(c)
+			if !handle(c) {
+				s.release(c)
+			}
 		}()
 	}
 }
@@ -352,10 +365,29 @@ func (s *Server) routed(c net.Conn) bool {
 	return true
 }
 
+// detach marks c as handed to the kernel: its handler returns and the
+// splicer releases it. False while draining.
+func (s *Server) detach(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.detached[c] = true
+	return true
+}
+
+func (s *Server) undetach(c net.Conn) {
+	s.mu.Lock()
+	delete(s.detached, c)
+	s.mu.Unlock()
+}
+
 func (s *Server) release(c net.Conn) {
 	c.Close()
 	s.mu.Lock()
 	delete(s.tracked, c)
+	delete(s.detached, c)
 	s.mu.Unlock()
 	s.active.Add(-1)
 	s.conns.Done()

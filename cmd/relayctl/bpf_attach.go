@@ -86,12 +86,13 @@ func printBPFStats(w io.Writer, cfg *config.Config) {
 // kernelSplicer adapts the pinned sockmap splice to the relay.
 type kernelSplicer struct{ *bpf.Splicer }
 
-func (k kernelSplicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration) (int64, int64, error) {
-	up, down, err := k.Splicer.Splice(ctx, client, upstream, pre, idle)
-	if errors.Is(err, bpf.ErrIdle) {
-		err = relay.ErrIdle
-	}
-	return up, down, err
+func (k kernelSplicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration, done func(up, down int64, err error)) error {
+	return k.Splicer.Splice(ctx, client, upstream, pre, idle, func(up, down int64, err error) {
+		if errors.Is(err, bpf.ErrIdle) {
+			err = relay.ErrIdle
+		}
+		done(up, down, err)
+	})
 }
 
 // openSplicer opens the sockmap splice that `rules apply` pinned. It is
