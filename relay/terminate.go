@@ -83,8 +83,9 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
 		},
-		Transport: transport,
-		ErrorLog:  errLog,
+		Transport:  transport,
+		BufferPool: proxyBuffers,
+		ErrorLog:   errLog,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			reason := "http"
 			if errors.Is(err, context.Canceled) {
@@ -99,6 +100,15 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 	}
 	return tr, nil
 }
+
+// proxyBuffers are the ReverseProxy's copy buffers: without a pool it
+// allocates 32 KB per request, which was 72% of all allocation per GET.
+var proxyBuffers = &bufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte  { return *b.p.Get().(*[]byte) }
+func (b *bufferPool) Put(x []byte) { b.p.Put(&x) }
 
 // state0Limits returns the limits of the state being served, or defaults
 // while the first state is being built.
