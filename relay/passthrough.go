@@ -94,6 +94,21 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	}
 	upConn.SetWriteDeadline(time.Time{})
 	upBytes.Add(float64(helloLen))
+	// The copy runs on fresh goroutines and this one ends: its stack grew
+	// for the hello and the dial, and would otherwise stay with an idle
+	// connection for its whole life.
+	if s.detach(client) {
+		go func() {
+			// Past the drain timeout, detached connections are closed
+			// through hardCtx.
+			stop := context.AfterFunc(s.hardCtx, func() { client.Close(); upConn.Close() })
+			up, down, err := spliceCopier{}.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
+			stop()
+			ended(up, down, err, false)
+			s.release(client)
+		}()
+		return true
+	}
 	up, down, err := spliceCopier{}.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
 	ended(up, down, err, false)
 	return false

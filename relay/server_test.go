@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -653,4 +654,37 @@ func (c *reframeConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	return c.TCPConn.Write(p)
+}
+
+// TestDrainTimeoutClosesPassthrough: a passthrough connection that does
+// not finish within limits.drain_timeout is closed, and Serve returns.
+func TestDrainTimeoutClosesPassthrough(t *testing.T) {
+	ca := newTestCA(t)
+	hold := make(chan struct{})
+	defer close(hold)
+	up := tlsUpstream(t, ca, func(c *tls.Conn) { <-hold })
+	cfg := baseConfig(config.Route{Match: "d.test", Passthrough: config.Upstreams{up}})
+	cfg.Limits.DrainTimeout = config.Duration(300 * time.Millisecond)
+	r := startRelay(t, cfg)
+	c, err := r.dialTLS(t, "d.test", ca.pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		return metricValue(r.metricsText(t), `relay_active_connections{action="passthrough",route="d.test"}`) == 1
+	})
+	r.cancel()
+	select {
+	case err := <-r.done:
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after the drain timeout")
+	}
+	r.done <- nil // for the cleanup
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection still open after the drain timeout: %v", err)
+	}
 }
