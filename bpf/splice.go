@@ -37,6 +37,9 @@ const DefaultSpliceLimit = 2 << 20
 
 // SpliceSupported reports whether this kernel can run the sockmap splice.
 func SpliceSupported() error {
+	if !kernelAtLeast(6, 8) {
+		return errors.New("the sockmap splice needs Linux 6.8+ (SIOCINQ on sockmap sockets); this kernel relays with splice(2)")
+	}
 	spec, err := loadSplice()
 	if err != nil {
 		return err
@@ -144,6 +147,19 @@ func readSplicedBytes(m *ebpf.Map) (up, down uint64, err error) {
 	return up, down, nil
 }
 
+// kernelAtLeast compares the running kernel's release with major.minor.
+func kernelAtLeast(major, minor int) bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return false
+	}
+	var ma, mi int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
+}
+
 // ErrSpliceNotLoaded: no sockmap splice pinned.
 var ErrSpliceNotLoaded = errors.New("BPF sockmap splice is not loaded (set `splice: sockmap` and run `relayctl rules apply` with steer.bpf: auto or on)")
 
@@ -161,6 +177,9 @@ type Splicer struct {
 func OpenSplicer(pinDir string) (*Splicer, error) {
 	if pinDir == "" {
 		pinDir = DefaultPinDir
+	}
+	if !kernelAtLeast(6, 8) {
+		return nil, errors.New("the sockmap splice needs Linux 6.8+; relaying with splice(2)")
 	}
 	s := &Splicer{Limit: DefaultSpliceLimit}
 	s.bufs.New = func() any { b := make([]byte, 64<<10); return &b }
@@ -300,21 +319,40 @@ func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre
 			return errors.Join(ErrSpliceFallback, err)
 		}
 	}
+	// Watched before the hello goes out: until then neither side can
+	// have anything to say (the client waits for the server's answer), so
+	// no wake-up is missed.
+	p.stop = context.AfterFunc(ctx, func() { p.finish(context.Cause(ctx)) })
+	if err := s.poll.watch(p); err != nil {
+		p.stop()
+		s.forgetMaps(p)
+		return errors.Join(ErrSpliceFallback, err)
+	}
 	upstream.SetWriteDeadline(time.Now().Add(30 * time.Second))
 	if _, err := upstream.Write(pre); err != nil {
-		s.forgetMaps(p)
-		return fmt.Errorf("replay hello: %w", err)
+		// A worker may already be finishing the pair (reset): only one
+		// of them reports; done must not run for a pair returned as failed.
+		if p.abandon() {
+			return fmt.Errorf("replay hello: %w", err)
+		}
+		return nil
 	}
 	upstream.SetWriteDeadline(time.Time{})
-	if err := s.poll.watch(p); err != nil {
-		s.forgetMaps(p)
-		return err
-	}
-	p.stop = context.AfterFunc(ctx, func() { p.finish(context.Cause(ctx)) })
-	// Whatever arrived before the poller watched the sockets.
-	p.up.schedule()
-	p.down.schedule()
 	return nil
+}
+
+// abandon ends the pair without calling done; false when it had already
+// ended (done was or will be called).
+func (p *pair) abandon() bool {
+	abandoned := false
+	p.once.Do(func() {
+		abandoned = true
+		p.closed.Store(true)
+		p.s.poll.forget(p)
+		p.stop()
+		p.s.forgetMaps(p)
+	})
+	return abandoned
 }
 
 // arm creates the socket's bookkeeping, then inserts it (in that order:
@@ -539,12 +577,23 @@ func (d *dir) process() {
 			return
 		}
 		if want := st.Passed - d.cfg.Consumed; want > 0 {
+			// Read only from the socket's sockmap queue (SIOCINQ reports
+			// its length on a sockmap socket, Linux 6.8+): with it empty,
+			// recv would fall back to the TCP receive queue, whose head the
+			// verdict may not have seen yet, and a partial read there makes
+			// the kernel deliver those bytes twice.
+			queued := d.src.inq()
+			if queued <= 0 {
+				return // counted, not queued yet: a wake-up follows
+			}
 			buf := p.s.bufs.Get().(*[]byte)
 			var (
 				n    int
 				rerr error
 			)
-			d.src.rc.Control(func(fd uintptr) { n, rerr = unix.Read(int(fd), (*buf)[:min(uint64(len(*buf)), want)]) })
+			d.src.rc.Control(func(fd uintptr) {
+				n, rerr = unix.Read(int(fd), (*buf)[:min(uint64(len(*buf)), want, uint64(queued))])
+			})
 			switch {
 			case rerr == unix.EAGAIN || rerr == unix.EINTR: // counted, not queued yet: a wake-up follows
 				p.s.bufs.Put(buf)
