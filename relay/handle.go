@@ -182,7 +182,7 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.log.Debug("passthrough", "route", rt.label, "client", c.RemoteAddr(), "sni", hello.ServerName, "dst", dst, "transit", transit)
 		return s.passthrough(tc, hello, rt, dst)
 	case "terminate":
-		s.terminate(tc, hello, rt) // releases the handshake slot after the TLS handshake
+		return s.terminate(tc, hello, rt) // releases the handshake slot after the TLS handshake
 	}
 	return false
 }

@@ -688,3 +688,43 @@ func TestDrainTimeoutClosesPassthrough(t *testing.T) {
 		t.Fatalf("connection still open after the drain timeout: %v", err)
 	}
 }
+
+// TestDrainTimeoutClosesTerminate: a request through a terminate route
+// that does not finish within limits.drain_timeout is cut, and Serve
+// returns.
+func TestDrainTimeoutClosesTerminate(t *testing.T) {
+	hold := make(chan struct{})
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		<-hold
+	}))
+	defer upstream.Close()
+	defer close(hold) // before upstream.Close, which waits for the handler
+	cfg := baseConfig(config.Route{Match: "t.test", Terminate: &config.Terminate{Upstream: upstream.URL, TLS: config.TLS{Mode: "internal"}}})
+	cfg.Limits.DrainTimeout = config.Duration(300 * time.Millisecond)
+	r := startRelay(t, cfg)
+	c, err := r.dialTLS(t, "t.test", r.ca.pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: t.test\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 100)); err != nil {
+		t.Fatalf("response headers: %v", err)
+	}
+	r.cancel()
+	select {
+	case err := <-r.done:
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after the drain timeout")
+	}
+	r.done <- nil // for the cleanup
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.ReadAll(c); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("connection still open after the drain timeout")
+	}
+}

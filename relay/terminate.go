@@ -122,7 +122,7 @@ func (s *Server) state0Limits() config.Limits {
 // terminate ends TLS on client and forwards the plaintext. It releases the
 // handshake slot once the TLS handshake is done, and returns when the
 // connection is closed.
-func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) {
+func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (detached bool) {
 	lim := s.state.Load().cfg.Limits
 	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, done: make(chan struct{})}
 	tlsConn := tls.Server(cc, rt.term.tlsConf)
@@ -133,25 +133,44 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) {
 	if err != nil {
 		s.m.tlsErrors.WithLabelValues(rt.label).Inc()
 		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "err", err)
-		return
+		return false
 	}
 	s.m.connections.WithLabelValues(rt.label, "terminate").Inc()
 	active := s.m.active.WithLabelValues(rt.label, "terminate")
 	active.Inc()
-	defer func() {
+	ended := func() {
 		active.Dec()
 		s.m.bytes.WithLabelValues(rt.label, "upstream").Add(float64(cc.in.Load()))
 		s.m.bytes.WithLabelValues(rt.label, "downstream").Add(float64(cc.out.Load()))
-	}()
+	}
 	if rt.term.tcpAddr != "" {
 		s.terminateTCP(tlsConn, rt, lim)
-		return
+		ended()
+		return false
+	}
+	// The http server owns the conn until it closes it. This goroutine
+	// ends (its stack grew in the handshake and would stay with every
+	// keep-alive connection); the close releases the connection, and past
+	// the drain timeout hardCtx closes it.
+	if s.detach(client) {
+		stop := context.AfterFunc(s.hardCtx, func() { client.Close() })
+		cc.onClose = func() {
+			stop()
+			ended()
+			s.release(client)
+		}
+		if !s.term().deliver(tlsConn) {
+			tlsConn.Close()
+		}
+		return true
 	}
 	if !s.term().deliver(tlsConn) {
 		tlsConn.Close()
-		return
+	} else {
+		<-cc.done
 	}
-	<-cc.done // the http server owns the conn until it closes it
+	ended()
+	return false
 }
 
 // terminateTCP copies between the TLS connection and a raw TCP upstream.
@@ -185,6 +204,7 @@ type termConn struct {
 	in, out atomic.Int64
 	once    sync.Once
 	done    chan struct{}
+	onClose func() // set before the conn is handed over
 }
 
 func (c *termConn) Read(p []byte) (int, error) {
@@ -206,7 +226,12 @@ func (c *termConn) Write(p []byte) (int, error) {
 
 func (c *termConn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(func() { close(c.done) })
+	c.once.Do(func() {
+		close(c.done)
+		if c.onClose != nil {
+			c.onClose()
+		}
+	})
 	return err
 }
 
