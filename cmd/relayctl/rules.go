@@ -314,7 +314,15 @@ func applyBPF(cfg *config.Config, uid int, dryRun bool, rep *rulesReport) (bool,
 		}
 	}
 	if dryRun {
-		rep.Changes = append(rep.Changes, redirect.Change{Family: "bpf", Action: fmt.Sprintf("load or update sk_lookup steering for ports %v, pins in %s", cfg.Steer.HTTPSPorts, cfg.Steer.PinDir)})
+		var pp []uint16
+		for _, p := range ports {
+			pp = append(pp, p.Port)
+		}
+		action := fmt.Sprintf("load or update sk_lookup steering for ports %v and kernel connection accounting, pins in %s", pp, cfg.Steer.PinDir)
+		if cfg.Splice == "sockmap" {
+			action += "; load the sockmap splice (splice: sockmap)"
+		}
+		rep.Changes = append(rep.Changes, redirect.Change{Family: "bpf", Action: action})
 		return true, nil
 	}
 	gid := uid
