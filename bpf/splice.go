@@ -171,6 +171,8 @@ type Splicer struct {
 	Limit uint32
 	bufs  sync.Pool
 	poll  poller
+	// workers are the running copy workers; Close waits for them.
+	workers sync.WaitGroup
 }
 
 // OpenSplicer opens the splice pins in pinDir; ErrSpliceNotLoaded when absent.
@@ -201,8 +203,19 @@ func OpenSplicer(pinDir string) (*Splicer, error) {
 	return s, nil
 }
 
-// Close releases the maps.
+// Close ends every spliced pair (closing its sockets), waits for their
+// workers, and releases the maps.
 func (s *Splicer) Close() error {
+	s.poll.mu.Lock()
+	var pairs []*pair
+	for p := range s.poll.pairs {
+		pairs = append(pairs, p)
+	}
+	s.poll.mu.Unlock()
+	for _, p := range pairs {
+		p.finish(net.ErrClosed)
+	}
+	s.workers.Wait()
 	for _, m := range []*ebpf.Map{s.socks, s.cfg, s.stat, s.bytes} {
 		if m != nil {
 			m.Close()
@@ -539,6 +552,7 @@ func (d *dir) schedule() {
 		switch d.state.Load() {
 		case 0:
 			if d.state.CompareAndSwap(0, 1) {
+				d.p.s.workers.Add(1)
 				go d.work()
 				return
 			}
@@ -553,6 +567,7 @@ func (d *dir) schedule() {
 }
 
 func (d *dir) work() {
+	defer d.p.s.workers.Done()
 	for {
 		if !d.ended.Load() && !d.p.closed.Load() {
 			d.process()

@@ -247,6 +247,14 @@ func TestSpliceMemoryBound(t *testing.T) {
 	if sent > 256<<20 {
 		t.Fatalf("client could push %d MiB: no backpressure", sent>>20)
 	}
+	// Both ends go away: the pair ends (before the splicer is closed).
+	p.client.Close()
+	p.upstream.Close()
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("pair did not end after both ends closed")
+	}
 }
 
 func ioctl(t *testing.T, c *net.TCPConn, req uint) int {
