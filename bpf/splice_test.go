@@ -20,7 +20,7 @@ import (
 
 // newTestSplicer loads the sockmap splice into a temporary bpffs and opens
 // it as the relay would.
-func newTestSplicer(t *testing.T) *Splicer {
+func newTestSplicer(t testing.TB) *Splicer {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads a BPF sk_skb verdict and a SOCKHASH")
