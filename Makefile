@@ -7,7 +7,7 @@ BUILD    := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 PKGS     := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-short lint vet fmt generate generate-check demo bench cross clean
+.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench cross clean
 
 all: build
 
@@ -19,6 +19,11 @@ build:
 # and say why.
 test: build
 	$(GO) test $(TESTFLAGS) $(PKGS)
+
+# The packages with the most concurrency (relay core, sockmap splice)
+# under the race detector; needs a C compiler (cgo): CI uses clang.
+test-race:
+	CGO_ENABLED=1 CC=$${CC:-$$(command -v gcc || command -v clang)} $(GO) test -race -count=1 -timeout 10m ./relay ./bpf
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
