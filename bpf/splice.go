@@ -586,31 +586,24 @@ func (d *dir) work() {
 func (d *dir) process() {
 	p := d.p
 	for {
-		var st spliceSpliceStat
-		if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
-			p.finish(fmt.Errorf("splice stat: %w", err))
-			return
-		}
-		if want := st.Passed - d.cfg.Consumed; want > 0 {
-			// Read only from the socket's sockmap queue (SIOCINQ reports
-			// its length on a sockmap socket, Linux 6.8+): with it empty,
-			// recv would fall back to the TCP receive queue, whose head the
-			// verdict may not have seen yet, and a partial read there makes
-			// the kernel deliver those bytes twice.
-			queued := d.src.inq()
-			if queued <= 0 {
-				return // counted, not queued yet: a wake-up follows
-			}
+		// Read only from the socket's sockmap queue, every byte of which
+		// the verdict passed (SIOCINQ reports its length on a sockmap
+		// socket, Linux 6.8+). With it empty, recv would fall back to the
+		// TCP receive queue, whose head the verdict may not have seen
+		// yet, and a partial read there makes the kernel deliver those
+		// bytes twice. Most wake-ups are for redirected bytes: this ioctl
+		// and a poll are all they cost.
+		if queued := d.src.inq(); queued > 0 {
 			buf := p.s.bufs.Get().(*[]byte)
 			var (
 				n    int
 				rerr error
 			)
 			d.src.rc.Control(func(fd uintptr) {
-				n, rerr = unix.Read(int(fd), (*buf)[:min(uint64(len(*buf)), want, uint64(queued))])
+				n, rerr = unix.Read(int(fd), (*buf)[:min(len(*buf), queued)])
 			})
 			switch {
-			case rerr == unix.EAGAIN || rerr == unix.EINTR: // counted, not queued yet: a wake-up follows
+			case rerr == unix.EAGAIN || rerr == unix.EINTR:
 				p.s.bufs.Put(buf)
 				return
 			case rerr != nil:
@@ -668,7 +661,16 @@ func (d *dir) process() {
 			p.finish(err)
 		case revents&(unix.POLLRDHUP|unix.POLLHUP) != 0:
 			// The FIN comes after every byte before it was redirected or
-			// passed, and the passed ones were all copied.
+			// passed; passed bytes may still be on their way to the
+			// sockmap queue (their arrival wakes us again).
+			var st spliceSpliceStat
+			if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
+				p.finish(fmt.Errorf("splice stat: %w", err))
+				return
+			}
+			if st.Passed != d.cfg.Consumed {
+				return
+			}
 			if err := p.drain(d, 0); err != nil {
 				p.finish(err)
 				return
