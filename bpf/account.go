@@ -105,18 +105,15 @@ func applyAccount(pinDir, netns, cgroup string, ports []uint16) error {
 	if err != nil {
 		return fmt.Errorf("load BPF object: %w", err)
 	}
-	maps := map[string]*ebpf.Map{}
+	var maps map[string]*ebpf.Map
 	existing := false
 	if _, err := os.Stat(filepath.Join(pinDir, pinAcctLink)); err == nil {
 		existing = true
-		for _, name := range []string{pinAcctPorts, pinAcct, pinAcctConfig} {
-			m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
-			if err != nil {
-				return fmt.Errorf("open pinned %s (remove %s to start over): %w", name, pinDir, err)
-			}
-			defer m.Close()
-			maps[name] = m
+		var closeAll func()
+		if maps, closeAll, err = openPinned(pinDir, pinAcctPorts, pinAcct, pinAcctConfig); err != nil {
+			return err
 		}
+		defer closeAll()
 	}
 	var objs accountObjects
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
@@ -145,28 +142,16 @@ func applyAccount(pinDir, netns, cgroup string, ports []uint16) error {
 		return fmt.Errorf("attach sock_ops accounting to %s: %w", cgroup, err)
 	}
 	defer l.Close()
-	pins := []struct {
-		name string
-		pin  func(string) error
-		mode os.FileMode
-	}{
-		{pinAcctPorts, objs.AcctPorts.Pin, 0o644},
-		{pinAcct, objs.Acct.Pin, 0o644},
-		{pinAcctConfig, objs.AcctConfig.Pin, 0o644},
-		{pinAcctLink, l.Pin, 0o600}, // last: its presence means complete
+	err = pinAll(pinDir, []pinned{
+		{pinAcctPorts, objs.AcctPorts.Pin, 0, 0, 0o644},
+		{pinAcct, objs.Acct.Pin, 0, 0, 0o644},
+		{pinAcctConfig, objs.AcctConfig.Pin, 0, 0, 0o644},
+		{pinAcctLink, l.Pin, 0, 0, 0o600}, // last: its presence means complete
+	})
+	if err != nil {
+		removePins(pinDir, acctPins)
 	}
-	for _, p := range pins {
-		path := filepath.Join(pinDir, p.name)
-		if err := p.pin(path); err != nil {
-			removePins(pinDir, acctPins)
-			return fmt.Errorf("pin %s: %w", p.name, err)
-		}
-		if err := os.Chmod(path, p.mode); err != nil {
-			removePins(pinDir, acctPins)
-			return fmt.Errorf("chmod pin %s: %w", p.name, err)
-		}
-	}
-	return nil
+	return err
 }
 
 // fillAcctPorts makes the map hold exactly ports, keeping the counter

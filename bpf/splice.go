@@ -63,16 +63,13 @@ func applySplice(pinDir string, want bool, uid, gid int) error {
 	if err != nil {
 		return fmt.Errorf("load BPF object: %w", err)
 	}
-	maps := map[string]*ebpf.Map{}
+	var maps map[string]*ebpf.Map
 	if _, err := os.Stat(filepath.Join(pinDir, pinSpliceSocks)); err == nil {
-		for _, name := range splicePins {
-			m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
-			if err != nil {
-				return fmt.Errorf("open pinned %s (remove %s to start over): %w", name, pinDir, err)
-			}
-			defer m.Close()
-			maps[name] = m
+		var closeAll func()
+		if maps, closeAll, err = openPinned(pinDir, splicePins...); err != nil {
+			return err
 		}
+		defer closeAll()
 	}
 	var objs spliceObjects
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
@@ -94,43 +91,16 @@ func applySplice(pinDir string, want bool, uid, gid int) error {
 		}
 		return nil
 	}
-	pins := []struct {
-		name     string
-		m        *ebpf.Map
-		uid, gid int
-		mode     os.FileMode
-	}{
-		{pinSpliceCfg, objs.SpliceCfg, uid, gid, 0o600},
-		{pinSpliceStat, objs.SpliceStat, uid, gid, 0o600},
-		{pinSpliceBytes, objs.SplicedBytes, 0, 0, 0o644},
-		{pinSpliceSocks, objs.SpliceSocks, uid, gid, 0o600}, // last: its presence means complete
+	err = pinAll(pinDir, []pinned{
+		{pinSpliceCfg, objs.SpliceCfg.Pin, uid, gid, 0o600},
+		{pinSpliceStat, objs.SpliceStat.Pin, uid, gid, 0o600},
+		{pinSpliceBytes, objs.SplicedBytes.Pin, 0, 0, 0o644},
+		{pinSpliceSocks, objs.SpliceSocks.Pin, uid, gid, 0o600}, // last: its presence means complete
+	})
+	if err != nil {
+		removePins(pinDir, splicePins)
 	}
-	for _, p := range pins {
-		path := filepath.Join(pinDir, p.name)
-		if err := p.m.Pin(path); err != nil {
-			removePins(pinDir, splicePins)
-			return fmt.Errorf("pin %s: %w", p.name, err)
-		}
-		if err := os.Chown(path, p.uid, p.gid); err != nil {
-			removePins(pinDir, splicePins)
-			return fmt.Errorf("chown pin %s: %w", p.name, err)
-		}
-		if err := os.Chmod(path, p.mode); err != nil {
-			removePins(pinDir, splicePins)
-			return fmt.Errorf("chmod pin %s: %w", p.name, err)
-		}
-	}
-	return nil
-}
-
-func removePins(dir string, names []string) error {
-	var errs []error
-	for _, name := range names {
-		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
+	return err
 }
 
 // readSplicedBytes sums the per-CPU counters: client → upstream, upstream → client.

@@ -179,29 +179,13 @@ func install(opts Options, spec *ebpf.CollectionSpec) (*Status, error) {
 		}
 	}()
 	os.Chmod(tmp, 0o755)
-	pins := []struct {
-		name string
-		pin  func(string) error
-		uid  int
-		gid  int
-		mode os.FileMode
-	}{
+	if err := pinAll(tmp, []pinned{
 		{pinListeners, objs.Listeners.Pin, opts.OwnerUID, opts.OwnerGID, 0o600},
 		{pinPorts, objs.Ports.Pin, 0, 0, 0o644},
 		{pinCounters, objs.Counters.Pin, 0, 0, 0o644},
 		{pinLink, l.Pin, 0, 0, 0o600},
-	}
-	for _, p := range pins {
-		path := filepath.Join(tmp, p.name)
-		if err := p.pin(path); err != nil {
-			return nil, fmt.Errorf("pin %s: %w", p.name, err)
-		}
-		if err := os.Chown(path, p.uid, p.gid); err != nil {
-			return nil, fmt.Errorf("chown pin %s: %w", p.name, err)
-		}
-		if err := os.Chmod(path, p.mode); err != nil {
-			return nil, fmt.Errorf("chmod pin %s: %w", p.name, err)
-		}
+	}); err != nil {
+		return nil, err
 	}
 	if err := os.Rename(tmp, opts.PinDir); err != nil {
 		return nil, fmt.Errorf("move pins into %s: %w", opts.PinDir, err)
@@ -220,15 +204,11 @@ func install(opts Options, spec *ebpf.CollectionSpec) (*Status, error) {
 
 // update swaps the program of the pinned link and refreshes the ports.
 func update(opts Options, spec *ebpf.CollectionSpec) (*Status, error) {
-	maps := map[string]*ebpf.Map{}
-	for _, name := range []string{pinListeners, pinPorts, pinCounters} {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(opts.PinDir, name), nil)
-		if err != nil {
-			return nil, fmt.Errorf("open pinned %s (remove %s to start over): %w", name, opts.PinDir, err)
-		}
-		defer m.Close()
-		maps[name] = m
+	maps, closeAll, err := openPinned(opts.PinDir, pinListeners, pinPorts, pinCounters)
+	if err != nil {
+		return nil, err
 	}
+	defer closeAll()
 	var objs steerObjects
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
 		return nil, fmt.Errorf("load sk_lookup program: %w", err)
