@@ -240,24 +240,18 @@ func (e *end) inq() int {
 // still in the send queue. TCP_INFO is read first, so an ACK landing in
 // between makes it an underestimate, never an over one.
 func (e *end) queued() (uint64, error) {
-	var (
-		info *unix.TCPInfo
-		outq int
-		err  error
-	)
-	cerr := e.rc.Control(func(fd uintptr) {
-		if info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err != nil {
-			return
-		}
-		outq, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
-	})
-	if cerr != nil {
+	acked, err := e.acked()
+	if err != nil {
+		return 0, err
+	}
+	var outq int
+	if cerr := e.rc.Control(func(fd uintptr) { outq, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) }); cerr != nil {
 		return 0, cerr
 	}
 	if err != nil {
 		return 0, err
 	}
-	return info.Bytes_acked + uint64(outq), nil
+	return acked + uint64(outq), nil
 }
 
 // Splice hands client and upstream to the kernel: bytes go from one to
@@ -659,6 +653,26 @@ func (d *dir) process() {
 // d.dst's send queue (or was acknowledged), so that what the process
 // writes next, or the FIN, comes after it. max > 0 bounds the wait.
 func (p *pair) drain(d *dir, max time.Duration) error {
+	return p.await(d, max, "redirected bytes not sent in time", func(redirected uint64) (bool, error) {
+		q, err := d.dst.queued()
+		return q >= redirected+d.cfg.Written, err
+	})
+}
+
+// room waits until n more bytes keep d within its in-flight limit (bytes
+// given to dst and not acknowledged), the bound the verdict applies to
+// redirected bytes: the process's own copies obey it too, so a peer that
+// never reads holds at most the limit plus src's receive buffer.
+func (p *pair) room(d *dir, n uint64) error {
+	return p.await(d, 0, "", func(redirected uint64) (bool, error) {
+		acked, err := d.dst.acked()
+		return redirected+d.cfg.Written+n <= acked+uint64(d.cfg.Limit), err
+	})
+}
+
+// await polls ready, given the bytes redirected from d.src so far, with
+// a growing pause, until it holds, the pair ends, or max (> 0) passes.
+func (p *pair) await(d *dir, max time.Duration, timeout string, ready func(redirected uint64) (bool, error)) error {
 	wait := 50 * time.Microsecond
 	var until time.Time
 	if max > 0 {
@@ -669,47 +683,17 @@ func (p *pair) drain(d *dir, max time.Duration) error {
 		if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
 			return fmt.Errorf("splice stat: %w", err)
 		}
-		q, err := d.dst.queued()
-		if err != nil {
+		if ok, err := ready(st.Redirected); ok || err != nil {
 			return err
-		}
-		if q >= st.Redirected+d.cfg.Written {
-			return nil
 		}
 		if p.closed.Load() {
 			return net.ErrClosed
 		}
 		if !until.IsZero() && time.Now().After(until) {
-			return errors.New("sockmap splice: redirected bytes not sent in time")
+			return errors.New("sockmap splice: " + timeout)
 		}
 		time.Sleep(wait)
 		wait = min(2*wait, 5*time.Millisecond)
-	}
-}
-
-// room waits until n more bytes keep d within its in-flight limit (bytes
-// given to dst and not acknowledged), the bound the verdict applies to
-// redirected bytes: the process's own copies obey it too, so a peer that
-// never reads holds at most the limit plus src's receive buffer.
-func (p *pair) room(d *dir, n uint64) error {
-	wait := 50 * time.Microsecond
-	for {
-		var st spliceSpliceStat
-		if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
-			return fmt.Errorf("splice stat: %w", err)
-		}
-		acked, err := d.dst.acked()
-		if err != nil {
-			return err
-		}
-		if st.Redirected+d.cfg.Written+n <= acked+uint64(d.cfg.Limit) {
-			return nil
-		}
-		if p.closed.Load() {
-			return net.ErrClosed
-		}
-		time.Sleep(wait)
-		wait = min(2*wait, 10*time.Millisecond)
 	}
 }
 

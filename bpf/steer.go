@@ -324,13 +324,10 @@ func Show(pinDir string) (*Status, error) {
 	if info, err := l.Info(); err == nil {
 		st.LinkID, st.ProgID = uint32(info.ID), uint32(info.Program)
 	}
-	if m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, pinSpliceBytes), &ebpf.LoadPinOptions{ReadOnly: true}); err == nil {
-		up, down, err := readSplicedBytes(m)
-		m.Close()
-		if err != nil {
-			return st, err
-		}
+	if up, down, err := ReadSplicedBytes(pinDir); err == nil {
 		st.Splice = &SpliceStatus{UpstreamBytes: up, DownstreamBytes: down}
+	} else if !errors.Is(err, ErrSpliceNotLoaded) {
+		return st, err
 	}
 	if acct, err := ReadAccounting(pinDir); err == nil {
 		st.Accounting = acct
