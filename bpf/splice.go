@@ -421,6 +421,7 @@ func idleCheck(idle time.Duration) time.Duration {
 func (pl *poller) loop() {
 	events := make([]unix.EpollEvent, 256)
 	var ready []*dir
+	var swept time.Time
 	for {
 		n, err := unix.EpollWait(pl.epfd, events, 1000)
 		if err != nil && !errors.Is(err, unix.EINTR) {
@@ -428,6 +429,10 @@ func (pl *poller) loop() {
 			continue
 		}
 		now := time.Now()
+		// Idle checks are due at most once a second (idleCheck's
+		// granularity): scanning every pair on each wake-up would put
+		// O(pairs) work on the data path.
+		sweep := now.Sub(swept) >= time.Second
 		var idle []*pair
 		pl.mu.Lock()
 		for i := 0; i < n; i++ {
@@ -435,10 +440,13 @@ func (pl *poller) loop() {
 				ready = append(ready, d)
 			}
 		}
-		for p, next := range pl.pairs {
-			if now.After(next) {
-				pl.pairs[p] = now.Add(idleCheck(p.idle))
-				idle = append(idle, p)
+		if sweep {
+			swept = now
+			for p, next := range pl.pairs {
+				if now.After(next) {
+					pl.pairs[p] = now.Add(idleCheck(p.idle))
+					idle = append(idle, p)
+				}
 			}
 		}
 		pl.mu.Unlock()

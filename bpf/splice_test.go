@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -62,7 +63,7 @@ type result struct {
 	err      error
 }
 
-func newSplicedPair(t *testing.T, s *Splicer, pre []byte) *splicedPair {
+func newSplicedPair(t *testing.T, s *Splicer, pre []byte, idle time.Duration) *splicedPair {
 	t.Helper()
 	lc := net.ListenConfig{}
 	lc.SetMultipathTCP(false)
@@ -95,7 +96,7 @@ func newSplicedPair(t *testing.T, s *Splicer, pre []byte) *splicedPair {
 		t.Fatal(err)
 	}
 	p := &splicedPair{client: c.(*net.TCPConn), upstream: u.(*net.TCPConn), relayIn: rc.(*net.TCPConn), done: make(chan result, 1)}
-	err = s.Splice(context.Background(), rc.(*net.TCPConn), ru.(*net.TCPConn), pre, time.Minute, func(up, down int64, err error) {
+	err = s.Splice(context.Background(), rc.(*net.TCPConn), ru.(*net.TCPConn), pre, idle, func(up, down int64, err error) {
 		rc.Close()
 		ru.Close()
 		p.done <- result{up, down, err}
@@ -126,7 +127,7 @@ func TestSpliceIntegrity(t *testing.T) {
 		size = int64(v) << 20
 	}
 	pre := []byte("CLIENTHELLO")
-	p := newSplicedPair(t, s, pre)
+	p := newSplicedPair(t, s, pre, time.Minute)
 	upBefore, downBefore, _ := s.SplicedBytes()
 
 	upData := make([]byte, size)
@@ -215,7 +216,7 @@ func commonPrefix(a, b []byte) int {
 // not in the upstream's receive queue) must stay bounded.
 func TestSpliceMemoryBound(t *testing.T) {
 	s := newTestSplicer(t)
-	p := newSplicedPair(t, s, []byte("hello"))
+	p := newSplicedPair(t, s, []byte("hello"), time.Minute)
 	buf := make([]byte, 1<<20)
 	var sent int64
 	deadline := time.Now().Add(4 * time.Second)
@@ -267,4 +268,24 @@ func ioctl(t *testing.T, c *net.TCPConn, req uint) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// TestSpliceIdleTimeout: a spliced pair on which nothing moves ends with
+// ErrIdle once both sides were silent for the idle timeout (checked by
+// the poller's once-a-second sweep).
+func TestSpliceIdleTimeout(t *testing.T) {
+	s := newTestSplicer(t)
+	start := time.Now()
+	p := newSplicedPair(t, s, []byte("hello"), time.Second)
+	select {
+	case r := <-p.done:
+		if !errors.Is(r.err, ErrIdle) {
+			t.Fatalf("pair ended with %v, want ErrIdle", r.err)
+		}
+		if d := time.Since(start); d < time.Second {
+			t.Fatalf("pair ended after %v, before its 1s idle timeout", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("idle pair not ended within 10s")
+	}
 }
