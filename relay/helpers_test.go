@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -171,6 +172,22 @@ func startRelay(t testing.TB, cfg *config.Config, mod ...func(*Options)) *testRe
 		}
 	})
 	return tr
+}
+
+// stopWithin cancels the relay (SIGTERM) and fails unless Serve returns,
+// without error, within d.
+func (r *testRelay) stopWithin(t testing.TB, d time.Duration) {
+	t.Helper()
+	r.cancel()
+	select {
+	case err := <-r.done:
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			t.Fatal(err)
+		}
+	case <-time.After(d):
+		t.Fatalf("Serve did not return within %v of cancel", d)
+	}
+	r.done <- nil // for the cleanup
 }
 
 // dialTLS connects to the relay's https port with SNI name, trusting roots.

@@ -673,16 +673,7 @@ func TestDrainTimeoutClosesPassthrough(t *testing.T) {
 	waitFor(t, func() bool {
 		return metricValue(r.metricsText(t), `relay_active_connections{action="passthrough",route="d.test"}`) == 1
 	})
-	r.cancel()
-	select {
-	case err := <-r.done:
-		if err != nil && !errors.Is(err, net.ErrClosed) {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after the drain timeout")
-	}
-	r.done <- nil // for the cleanup
+	r.stopWithin(t, 5*time.Second)
 	c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("connection still open after the drain timeout: %v", err)
@@ -713,16 +704,7 @@ func TestDrainTimeoutClosesTerminate(t *testing.T) {
 	if _, err := c.Read(make([]byte, 100)); err != nil {
 		t.Fatalf("response headers: %v", err)
 	}
-	r.cancel()
-	select {
-	case err := <-r.done:
-		if err != nil && !errors.Is(err, net.ErrClosed) {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after the drain timeout")
-	}
-	r.done <- nil // for the cleanup
+	r.stopWithin(t, 5*time.Second)
 	c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := io.ReadAll(c); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatal("connection still open after the drain timeout")
