@@ -42,12 +42,18 @@ func loadConfig(e *env, flagPath string) (*config.Config, error) {
 	return cfg, nil
 }
 
-func cmdCheck(e *env, args []string) error {
-	fs, cfgPath := newConfigFlagSet(e, "check")
+// configFromArgs serves the commands whose only flag is -c: it parses
+// args and loads the config.
+func configFromArgs(e *env, name string, args []string) (*config.Config, error) {
+	fs, cfgPath := newConfigFlagSet(e, name)
 	if _, err := parseInterspersed(fs, args); err != nil {
-		return err
+		return nil, err
 	}
-	cfg, err := loadConfig(e, *cfgPath)
+	return loadConfig(e, *cfgPath)
+}
+
+func cmdCheck(e *env, args []string) error {
+	cfg, err := configFromArgs(e, "check", args)
 	if err != nil {
 		return err
 	}
@@ -66,11 +72,7 @@ func newLogger(c config.Log, w io.Writer) *slog.Logger {
 }
 
 func cmdServe(e *env, args []string) error {
-	fs, cfgPath := newConfigFlagSet(e, "serve")
-	if _, err := parseInterspersed(fs, args); err != nil {
-		return err
-	}
-	cfg, err := loadConfig(e, *cfgPath)
+	cfg, err := configFromArgs(e, "serve", args)
 	if err != nil {
 		return err
 	}

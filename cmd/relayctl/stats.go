@@ -22,11 +22,7 @@ func init() {
 // cmdStats prints the relay's counters (scraped from its metrics listener)
 // and the BPF counters (read from the pinned maps) as tables.
 func cmdStats(e *env, args []string) error {
-	fs, cfgPath := newConfigFlagSet(e, "stats")
-	if _, err := parseInterspersed(fs, args); err != nil {
-		return err
-	}
-	cfg, err := loadConfig(e, *cfgPath)
+	cfg, err := configFromArgs(e, "stats", args)
 	if err != nil {
 		return err
 	}
