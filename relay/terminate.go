@@ -152,25 +152,25 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	// ends (its stack grew in the handshake and would stay with every
 	// keep-alive connection); the close releases the connection, and past
 	// the drain timeout hardCtx closes it.
-	if s.detach(client) {
+	// While draining it cannot be detached: wait here instead.
+	detached = s.detach(client)
+	if detached {
 		stop := context.AfterFunc(s.hardCtx, func() { client.Close() })
 		cc.onClose = func() {
 			stop()
 			ended()
 			s.release(client)
 		}
-		if !s.term().deliver(tlsConn) {
-			tlsConn.Close()
-		}
-		return true
 	}
 	if !s.term().deliver(tlsConn) {
 		tlsConn.Close()
-	} else {
+	} else if !detached {
 		<-cc.done
 	}
-	ended()
-	return false
+	if !detached {
+		ended()
+	}
+	return detached
 }
 
 // terminateTCP copies between the TLS connection and a raw TCP upstream.
