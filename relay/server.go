@@ -73,10 +73,8 @@ type Server struct {
 	handshakes chan struct{} // semaphore: max_handshakes
 
 	mu      sync.Mutex
-	tracked map[net.Conn]bool // open client conns → routed yet; unrouted ones are closed at once on drain
-	// detached: conns handed to the kernel splicer, released by it.
-	detached map[net.Conn]bool
-	// hardCtx is canceled when the drain timeout ends: spliced conns close.
+	tracked map[net.Conn]connState // open client conns; drain treats them by state
+	// hardCtx is canceled when the drain timeout ends: detached conns close.
 	hardCtx    context.Context
 	hardCancel context.CancelFunc
 	closing    bool
@@ -91,13 +89,12 @@ func New(opts Options) (*Server, error) {
 		return nil, errors.New("relay: Options.Config is required")
 	}
 	s := &Server{
-		opts:     opts,
-		log:      opts.Logger,
-		reg:      opts.Registry,
-		isLocal:  opts.IsLocal,
-		splicer:  opts.Splicer,
-		tracked:  map[net.Conn]bool{},
-		detached: map[net.Conn]bool{},
+		opts:    opts,
+		log:     opts.Logger,
+		reg:     opts.Registry,
+		isLocal: opts.IsLocal,
+		splicer: opts.Splicer,
+		tracked: map[net.Conn]connState{},
 	}
 	s.hardCtx, s.hardCancel = context.WithCancel(context.Background())
 	if s.log == nil {
@@ -244,8 +241,8 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.log.Info("draining", "open_connections", s.active.Load(), "drain_timeout", drain)
 	s.mu.Lock()
 	s.closing = true
-	for c, routed := range s.tracked {
-		if !routed { // still in its ClientHello: nothing in flight to drain
+	for c, st := range s.tracked {
+		if st == connHello { // still in its ClientHello: nothing in flight to drain
 			c.Close()
 		}
 	}
@@ -268,7 +265,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		s.mu.Lock()
 		n := len(s.tracked)
 		for c := range s.tracked {
-			if !s.detached[c] {
+			if s.tracked[c] != connDetached {
 				c.Close()
 			}
 		}
@@ -347,11 +344,20 @@ func (s *Server) admit(c net.Conn) bool {
 		c.Close()
 		return false
 	}
-	s.tracked[c] = false
+	s.tracked[c] = connHello
 	s.conns.Add(1)
 	s.mu.Unlock()
 	return true
 }
+
+// connState is where a tracked client connection is, for draining.
+type connState uint8
+
+const (
+	connHello    connState = iota // in its ClientHello: closed at once on drain
+	connRouted                    // in flight: drain waits, then closes it
+	connDetached                  // held past its handler: closed through hardCtx
+)
 
 // routed marks c as past its ClientHello, so that drain waits for it. It
 // returns false when the server is draining (c is being closed).
@@ -361,25 +367,29 @@ func (s *Server) routed(c net.Conn) bool {
 	if s.closing {
 		return false
 	}
-	s.tracked[c] = true
+	s.tracked[c] = connRouted
 	return true
 }
 
-// detach marks c as handed to the kernel: its handler returns and the
-// splicer releases it. False while draining.
+// detach marks routed c as living on after its handler returns (copy
+// goroutines, the kernel splice, the http server): whoever holds it then
+// releases it. False while draining.
 func (s *Server) detach(c net.Conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing {
 		return false
 	}
-	s.detached[c] = true
+	s.tracked[c] = connDetached
 	return true
 }
 
+// undetach takes back a detach whose hand-off did not happen.
 func (s *Server) undetach(c net.Conn) {
 	s.mu.Lock()
-	delete(s.detached, c)
+	if _, ok := s.tracked[c]; ok {
+		s.tracked[c] = connRouted
+	}
 	s.mu.Unlock()
 }
 
@@ -387,7 +397,6 @@ func (s *Server) release(c net.Conn) {
 	c.Close()
 	s.mu.Lock()
 	delete(s.tracked, c)
-	delete(s.detached, c)
 	s.mu.Unlock()
 	s.active.Add(-1)
 	s.conns.Done()
