@@ -59,7 +59,7 @@ type pool struct {
 }
 
 func dialer(timeout time.Duration) *net.Dialer {
-	d := &net.Dialer{Timeout: timeout}
+	d := &net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
 	d.SetMultipathTCP(false)
 	return d
 }
