@@ -186,6 +186,7 @@ func (s *Splicer) Close() error {
 		p.finish(net.ErrClosed)
 	}
 	s.workers.Wait()
+	s.poll.close()
 	for _, m := range []*ebpf.Map{s.socks, s.cfg, s.stat, s.bytes} {
 		if m != nil {
 			m.Close()
@@ -290,11 +291,9 @@ func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre
 	p.down = &dir{p: p, src: ue, dst: ce, cfg: spliceSpliceCfg{Peer: ce.cookie, Limit: s.Limit, Dir: 1}}
 	// The upstream goes in before it has the hello, so it is quiet: its
 	// answer can only come through the verdict.
-	for _, d := range []*dir{p.up, p.down} {
-		if err := s.arm(d.src, d.cfg); err != nil {
-			s.forgetMaps(p)
-			return errors.Join(ErrSpliceFallback, err)
-		}
+	if err := s.arm(p); err != nil {
+		s.forgetMaps(p)
+		return errors.Join(ErrSpliceFallback, err)
 	}
 	// Watched before the hello goes out: until then neither side can
 	// have anything to say (the client waits for the server's answer), so
@@ -332,21 +331,31 @@ func (p *pair) abandon() bool {
 	return abandoned
 }
 
-// arm creates the socket's bookkeeping, then inserts it (in that order:
-// the verdict passes sockets it has no entry for).
-func (s *Splicer) arm(e *end, cfg spliceSpliceCfg) error {
-	if err := s.stat.Put(e.cookie, spliceSpliceStat{}); err != nil {
+// arm creates both sockets' bookkeeping, then inserts them (in that
+// order: the verdict passes sockets it has no entry for). One batch per
+// map: every syscall counts on a short connection.
+func (s *Splicer) arm(p *pair) error {
+	keys := p.keys()
+	if _, err := s.stat.BatchUpdate(keys, []spliceSpliceStat{{}, {}}, nil); err != nil {
 		return fmt.Errorf("splice stat: %w", err)
 	}
-	if err := s.cfg.Put(e.cookie, cfg); err != nil {
+	if _, err := s.cfg.BatchUpdate(keys, []spliceSpliceCfg{p.up.cfg, p.down.cfg}, nil); err != nil {
 		return fmt.Errorf("splice cfg: %w", err)
 	}
-	if err := s.socks.Put(e.cookie, uint64(e.fd)); err != nil {
-		return fmt.Errorf("insert socket into the splice SOCKHASH: %w", err)
+	for _, d := range []*dir{p.up, p.down} {
+		if err := s.socks.Put(d.src.cookie, uint64(d.src.fd)); err != nil {
+			return fmt.Errorf("insert socket into the splice SOCKHASH: %w", err)
+		}
 	}
 	return nil
 }
 
+// keys are the map keys of the pair's sockets: up's source, then down's.
+func (p *pair) keys() []uint64 { return []uint64{p.up.src.cookie, p.down.src.cookie} }
+
+// forgetMaps removes the pair from every map, entry by entry (a batch
+// stops at the first missing key): for pairs that failed to arm or were
+// abandoned, whose sockets stay open or were partly inserted.
 func (s *Splicer) forgetMaps(p *pair) {
 	for _, e := range []*end{p.a, p.b} {
 		s.socks.Delete(e.cookie)
@@ -357,11 +366,16 @@ func (s *Splicer) forgetMaps(p *pair) {
 
 // poller watches the sockets of every spliced pair with one epoll set
 // (beside the Go runtime's own), edge-triggered: a wake-up means the
-// verdict passed something, the FIN came, or an error.
+// verdict passed something, the FIN came, or an error. The set's own
+// descriptor sits in the runtime's netpoller, so the loop parks like any
+// network read instead of holding a thread in epoll_wait (a thread blocked
+// in a syscall keeps the runtime's sysmon waking every 20 µs).
 type poller struct {
 	once  sync.Once
 	err   error
 	epfd  int
+	ep    *os.File // epfd, registered with the netpoller
+	shut  atomic.Bool
 	mu    sync.Mutex
 	dirs  map[int32]*dir
 	pairs map[*pair]time.Time // next idle check
@@ -374,11 +388,32 @@ func (pl *poller) init() error {
 			pl.err = fmt.Errorf("epoll: %w", pl.err)
 			return
 		}
+		// Non-blocking, so that os.NewFile registers it with the netpoller.
+		if err := unix.SetNonblock(pl.epfd, true); err != nil {
+			unix.Close(pl.epfd)
+			pl.err = fmt.Errorf("epoll: %w", err)
+			return
+		}
+		pl.ep = os.NewFile(uintptr(pl.epfd), "splice-epoll")
+		if err := pl.ep.SetReadDeadline(time.Time{}); err != nil {
+			pl.ep.Close()
+			pl.err = fmt.Errorf("epoll set not pollable: %w", err)
+			return
+		}
 		pl.dirs = map[int32]*dir{}
 		pl.pairs = map[*pair]time.Time{}
 		go pl.loop()
 	})
 	return pl.err
+}
+
+// close ends the loop and releases the epoll set.
+func (pl *poller) close() {
+	pl.once.Do(func() { pl.err = net.ErrClosed }) // no set made after this
+	pl.shut.Store(true)
+	if pl.ep != nil {
+		pl.ep.Close()
+	}
 }
 
 func (pl *poller) watch(p *pair) error {
@@ -422,9 +457,31 @@ func (pl *poller) loop() {
 	events := make([]unix.EpollEvent, 256)
 	var ready []*dir
 	var swept time.Time
+	rc, err := pl.ep.SyscallConn()
+	if err != nil {
+		return // closed already
+	}
 	for {
-		n, err := unix.EpollWait(pl.epfd, events, 1000)
-		if err != nil && !errors.Is(err, unix.EINTR) {
+		// Wakes at least once a second for the idle sweep.
+		pl.ep.SetReadDeadline(time.Now().Add(time.Second))
+		var n int
+		err := rc.Read(func(fd uintptr) bool {
+			var werr error
+			for {
+				n, werr = unix.EpollWait(int(fd), events, 0)
+				if werr != unix.EINTR {
+					break
+				}
+			}
+			if werr != nil {
+				n = 0
+			}
+			return n > 0 // none: park until the set is readable
+		})
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			if pl.shut.Load() {
+				return
+			}
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
@@ -487,8 +544,11 @@ func (p *pair) finish(err error) {
 		if p.stop != nil {
 			p.stop()
 		}
-		up, down := p.up.moved(), p.down.moved()
-		p.s.forgetMaps(p)
+		// The SOCKHASH entries go with the sockets, closed here or by
+		// done's caller; without their cfg the verdict passes whatever
+		// still comes.
+		up, down := p.up.release(), p.down.release()
+		p.s.cfg.BatchDelete(p.keys(), nil)
 		if err != nil {
 			p.a.c.Close()
 			p.b.c.Close()
@@ -510,11 +570,11 @@ type dir struct {
 	ended    atomic.Bool     // FIN passed on
 }
 
-// moved is the bytes of this direction: redirected in the kernel plus
-// copied by the process.
-func (d *dir) moved() uint64 {
+// release drops d's stat entry and returns the bytes of this direction:
+// redirected in the kernel plus copied by the process.
+func (d *dir) release() uint64 {
 	var st spliceSpliceStat
-	d.p.s.stat.Lookup(d.src.cookie, &st)
+	d.p.s.stat.LookupAndDelete(d.src.cookie, &st)
 	return st.Redirected + d.copied.Load()
 }
 
@@ -643,7 +703,7 @@ func (d *dir) process() {
 			if st.Passed != d.cfg.Consumed {
 				return
 			}
-			if err := p.drain(d, 0); err != nil {
+			if err := p.drainFrom(d, 0, &st); err != nil {
 				p.finish(err)
 				return
 			}
@@ -660,8 +720,11 @@ func (d *dir) process() {
 // drain waits until every byte redirected from d.src so far sits in
 // d.dst's send queue (or was acknowledged), so that what the process
 // writes next, or the FIN, comes after it. max > 0 bounds the wait.
-func (p *pair) drain(d *dir, max time.Duration) error {
-	return p.await(d, max, "redirected bytes not sent in time", func(redirected uint64) (bool, error) {
+func (p *pair) drain(d *dir, max time.Duration) error { return p.drainFrom(d, max, nil) }
+
+// drainFrom is drain with src's stat already read (nil: not yet).
+func (p *pair) drainFrom(d *dir, max time.Duration, st *spliceSpliceStat) error {
+	return p.await(d, max, "redirected bytes not sent in time", st, func(redirected uint64) (bool, error) {
 		q, err := d.dst.queued()
 		return q >= redirected+d.cfg.Written, err
 	})
@@ -672,7 +735,7 @@ func (p *pair) drain(d *dir, max time.Duration) error {
 // redirected bytes: the process's own copies obey it too, so a peer that
 // never reads holds at most the limit plus src's receive buffer.
 func (p *pair) room(d *dir, n uint64) error {
-	return p.await(d, 0, "", func(redirected uint64) (bool, error) {
+	return p.await(d, 0, "", nil, func(redirected uint64) (bool, error) {
 		acked, err := d.dst.acked()
 		return redirected+d.cfg.Written+n <= acked+uint64(d.cfg.Limit), err
 	})
@@ -680,16 +743,22 @@ func (p *pair) room(d *dir, n uint64) error {
 
 // await polls ready, given the bytes redirected from d.src so far, with
 // a growing pause, until it holds, the pair ends, or max (> 0) passes.
-func (p *pair) await(d *dir, max time.Duration, timeout string, ready func(redirected uint64) (bool, error)) error {
+// known is src's stat if just read (nil: read it first).
+func (p *pair) await(d *dir, max time.Duration, timeout string, known *spliceSpliceStat, ready func(redirected uint64) (bool, error)) error {
 	wait := 50 * time.Microsecond
 	var until time.Time
 	if max > 0 {
 		until = time.Now().Add(max)
 	}
-	for {
-		var st spliceSpliceStat
-		if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
-			return fmt.Errorf("splice stat: %w", err)
+	var st spliceSpliceStat
+	if known != nil {
+		st = *known
+	}
+	for read := known == nil; ; read = true {
+		if read {
+			if err := p.s.stat.Lookup(d.src.cookie, &st); err != nil {
+				return fmt.Errorf("splice stat: %w", err)
+			}
 		}
 		if ok, err := ready(st.Redirected); ok || err != nil {
 			return err
