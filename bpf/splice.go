@@ -266,6 +266,8 @@ func (e *end) queued() (uint64, error) {
 // socket and starts a short-lived worker only when the verdict passed
 // something (data under pressure, or the FIN).
 //
+// done must close both sockets: that removes them from the SOCKHASH.
+//
 // ErrSpliceFallback: nothing happened, relay the pair another way. Any
 // other error: the pair is unusable and done is not called.
 func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration, done func(up, down int64, err error)) error {
