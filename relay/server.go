@@ -61,6 +61,8 @@ type Server struct {
 	state    atomic.Pointer[state]
 	isLocal  func(netip.Addr) bool
 	splicer  Splicer
+	engOnce  sync.Once
+	eng      *engine // nil: unavailable, passthrough copies with goroutines
 	health   healthRegistry
 	termSrv  *termServer
 	termOnce sync.Once
@@ -280,6 +282,10 @@ func (s *Server) Serve(ctx context.Context) error {
 		s.log.Warn("drain timeout: closed remaining connections", "connections", n)
 		<-done
 	}
+	s.engOnce.Do(func() {}) // none started after this
+	if s.eng != nil {
+		s.eng.close()
+	}
 	if metricsSrv != nil {
 		metricsSrv.Close()
 	}
@@ -301,6 +307,22 @@ func ignoreClosed(err error) error {
 		return nil
 	}
 	return err
+}
+
+// engine returns the splice engine, started on first use; nil when it
+// cannot run here.
+func (s *Server) engine() *engine {
+	s.engOnce.Do(func() {
+		eng, err := newEngine()
+		if err != nil {
+			if !errors.Is(err, errors.ErrUnsupported) {
+				s.log.Warn("splice engine unavailable: passthrough copies with two goroutines per connection", "err", err)
+			}
+			return
+		}
+		s.eng = eng
+	})
+	return s.eng
 }
 
 // acceptLoop accepts until the listener closes. Temporary errors (EMFILE)

@@ -1,0 +1,531 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// engine relays handed-off passthrough connections with splice(2) without
+// a goroutine per connection: one epoll set watches every socket, and a
+// short-lived worker moves a direction's bytes when its source becomes
+// readable or, with bytes held in its pipe, its destination writable. An
+// idle connection costs its sockets and ~1 KB of bookkeeping; with a
+// blocked io.Copy per direction it cost two goroutine stacks (~8 KB).
+//
+// The epoll set's own descriptor sits in the runtime's netpoller, so the
+// loop parks like any network read.
+type engine struct {
+	epfd     int
+	ep       *os.File
+	shut     atomic.Bool
+	loopDone chan struct{}
+
+	mu    sync.Mutex
+	socks map[int32]*engineSock
+	pairs map[*enginePair]time.Time // next idle check
+
+	pmu   sync.Mutex
+	pipes []*splicePipe // empty pipes kept for reuse
+
+	workers sync.WaitGroup
+}
+
+// engineSock is one watched socket: the direction it feeds and the one it
+// drains.
+type engineSock struct{ src, dst *engineDir }
+
+func newEngine() (*engine, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll: %w", err)
+	}
+	// Non-blocking, so that os.NewFile registers it with the netpoller.
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("epoll: %w", err)
+	}
+	e := &engine{epfd: epfd, ep: os.NewFile(uintptr(epfd), "relay-epoll"), loopDone: make(chan struct{}),
+		socks: map[int32]*engineSock{}, pairs: map[*enginePair]time.Time{}}
+	if err := e.ep.SetReadDeadline(time.Time{}); err != nil {
+		e.ep.Close()
+		return nil, fmt.Errorf("epoll set not pollable: %w", err)
+	}
+	go e.loop()
+	return e, nil
+}
+
+// close ends every pair (closing its sockets), waits for the workers and
+// releases the epoll set and the pipes.
+func (e *engine) close() {
+	e.mu.Lock()
+	e.shut.Store(true)
+	pairs := make([]*enginePair, 0, len(e.pairs))
+	for p := range e.pairs {
+		pairs = append(pairs, p)
+	}
+	e.mu.Unlock()
+	for _, p := range pairs {
+		p.finish(net.ErrClosed)
+	}
+	// The loop ends before the wait, so that no wake-up starts a worker
+	// during it.
+	e.ep.Close()
+	<-e.loopDone
+	e.workers.Wait()
+	e.pmu.Lock()
+	for _, p := range e.pipes {
+		p.close()
+	}
+	e.pipes = nil
+	e.pmu.Unlock()
+}
+
+// splice hands client and upstream (the hello already replayed) to the
+// engine and returns; done is called once, from another goroutine, when
+// both directions ended (half-close passed on), one failed, neither side
+// received data for idle, or ctx was canceled, with the bytes moved each
+// way. done must close both sockets. upC and downC advance as bytes move.
+func (e *engine) splice(ctx context.Context, client, upstream *net.TCPConn, idle time.Duration, upC, downC adder, done func(up, down int64, err error)) error {
+	p := &enginePair{e: e, idle: idle, done: done}
+	for i, c := range []*net.TCPConn{client, upstream} {
+		rc, err := c.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var fd int
+		if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
+			return err
+		}
+		p.ends[i] = engineEnd{c: c, rc: rc, fd: fd}
+	}
+	a, b := &p.ends[0], &p.ends[1]
+	p.up = engineDir{p: p, src: a, dst: b, c: upC}
+	p.down = engineDir{p: p, src: b, dst: a, c: downC}
+	e.mu.Lock()
+	if e.shut.Load() {
+		e.mu.Unlock()
+		return net.ErrClosed
+	}
+	// Edge-triggered: a wake-up means new bytes, new room, the FIN or an
+	// error. Both sockets are quiet here (the upstream has the hello, the
+	// client waits for its answer), and bytes that came before the add
+	// are reported by it anyway.
+	for i, s := range []*engineSock{{src: &p.up, dst: &p.down}, {src: &p.down, dst: &p.up}} {
+		fd := p.ends[i].fd
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
+		if err := unix.EpollCtl(e.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			if i == 1 {
+				unix.EpollCtl(e.epfd, unix.EPOLL_CTL_DEL, a.fd, nil)
+				delete(e.socks, int32(a.fd))
+			}
+			e.mu.Unlock()
+			return fmt.Errorf("epoll add: %w", err)
+		}
+		e.socks[int32(fd)] = s
+	}
+	e.pairs[p] = time.Now().Add(idleCheck(idle))
+	e.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { p.finish(context.Cause(ctx)) })
+	p.stop.Store(&stop)
+	if p.closed.Load() { // finished before the store: finish could not stop it
+		stop()
+	}
+	return nil
+}
+
+// idleCheck is how often a pair's idleness is looked at.
+func idleCheck(idle time.Duration) time.Duration {
+	return min(max(idle/4, time.Second), time.Minute)
+}
+
+func (e *engine) loop() {
+	defer close(e.loopDone)
+	rc, err := e.ep.SyscallConn()
+	if err != nil {
+		return
+	}
+	var (
+		events = make([]unix.EpollEvent, 128)
+		swept  time.Time
+		run    []*engineDir
+		idle   []*enginePair
+	)
+	// One epoll_wait per wake-up: the callback handles what it finds and
+	// asks to be called again when the set is next readable (the runtime
+	// keeps a wake-up that comes while it runs), so the loop stays inside
+	// Read except for the once-a-second sweep.
+	handle := func(fd uintptr) bool {
+		n, err := unix.EpollWait(int(fd), events, 0)
+		if err != nil {
+			return err != unix.EINTR && e.shut.Load()
+		}
+		now := time.Now()
+		e.mu.Lock()
+		for _, ev := range events[:n] {
+			s := e.socks[ev.Fd]
+			if s == nil {
+				continue
+			}
+			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				run = append(run, s.src)
+			}
+			// Room matters only to a direction holding bytes (EPOLLOUT
+			// comes with every event on a writable socket).
+			if ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 && s.dst.held.Load() {
+				run = append(run, s.dst)
+			}
+		}
+		if now.Sub(swept) >= time.Second {
+			swept = now
+			for p, next := range e.pairs {
+				if now.After(next) {
+					e.pairs[p] = now.Add(idleCheck(p.idle))
+					idle = append(idle, p)
+				}
+			}
+		}
+		e.mu.Unlock()
+		for _, d := range run {
+			d.runHere()
+		}
+		for _, p := range idle {
+			if idleFor(p.ends[0].c) >= p.idle && idleFor(p.ends[1].c) >= p.idle {
+				p.finish(ErrIdle)
+			}
+		}
+		clear(run)
+		clear(idle)
+		run, idle = run[:0], idle[:0]
+		return n == len(events) // a full batch: more may wait
+	}
+	for {
+		// The deadline wakes an idle loop for the sweep.
+		e.ep.SetReadDeadline(time.Now().Add(time.Second))
+		err := rc.Read(handle)
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			if e.shut.Load() {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// enginePair is a client (ends[0]) and its upstream (ends[1]).
+type enginePair struct {
+	e        *engine
+	idle     time.Duration
+	ends     [2]engineEnd
+	up, down engineDir
+	closed   atomic.Bool
+	ended    atomic.Int32 // directions that passed their FIN on
+	once     sync.Once
+	done     func(up, down int64, err error)
+	stop     atomic.Pointer[func() bool] // the ctx registration
+}
+
+type engineEnd struct {
+	c  *net.TCPConn
+	rc syscall.RawConn
+	fd int // for epoll only; syscalls go through rc, which pins it
+}
+
+// finish ends the pair once: the engine forgets it, on error both sockets
+// are closed, and done gets the byte counts. Workers see closed and drop
+// their pipes.
+func (p *enginePair) finish(err error) {
+	p.once.Do(func() {
+		p.closed.Store(true)
+		e := p.e
+		// The sockets leave the epoll set when they are closed, here
+		// or by done's caller; events until then find no entry.
+		e.mu.Lock()
+		if _, ok := e.pairs[p]; ok {
+			for _, end := range p.ends {
+				delete(e.socks, int32(end.fd))
+			}
+			delete(e.pairs, p)
+		}
+		e.mu.Unlock()
+		if stop := p.stop.Load(); stop != nil {
+			(*stop)()
+		}
+		if err != nil {
+			p.ends[0].c.Close()
+			p.ends[1].c.Close()
+		}
+		// A worker holding a pipe releases it when it sees closed.
+		p.up.schedule()
+		p.down.schedule()
+		if errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+			err = nil
+		}
+		p.done(p.up.moved.Load(), p.down.moved.Load(), err)
+	})
+}
+
+// engineDir is one direction: bytes from src go through pipe to dst.
+type engineDir struct {
+	p        *enginePair
+	src, dst *engineEnd
+	c        adder
+	pipe     *splicePipe // the worker's; nil while nothing is held
+	inPipe   int         // the worker's
+	eof      bool        // the worker's: src sent its FIN
+	finned   bool        // the worker's: and it was passed on to dst
+	held     atomic.Bool // bytes wait in pipe for room in dst
+	moved    atomic.Int64
+	state    atomic.Int32 // 0 idle, 1 worker running, 2 running and woken again
+}
+
+// schedule runs a worker for d, or tells the running one to look again.
+func (d *engineDir) schedule() {
+	for {
+		switch d.state.Load() {
+		case 0:
+			if d.state.CompareAndSwap(0, 1) {
+				d.p.e.workers.Add(1)
+				go d.work()
+				return
+			}
+		case 1:
+			if d.state.CompareAndSwap(1, 2) {
+				return
+			}
+		default:
+			return
+		}
+	}
+}
+
+func (d *engineDir) work() {
+	defer d.p.e.workers.Done()
+	for {
+		d.process(0)
+		if d.state.CompareAndSwap(1, 0) {
+			return
+		}
+		d.state.Store(1)
+	}
+}
+
+// hereBudget is the splice calls a wake-up may cost the loop itself:
+// enough for a message (into the pipe, out, and the EAGAIN that ends it).
+// Beyond it the direction goes on in a worker, so a bulk transfer cannot
+// hold up the others.
+const hereBudget = 4
+
+// runHere does d's work in the loop's goroutine when it is small, which
+// spares interactive traffic a goroutine hand-off per message; a running
+// worker is told to look again instead.
+func (d *engineDir) runHere() {
+	if !d.state.CompareAndSwap(0, 1) {
+		d.schedule()
+		return
+	}
+	d.p.e.workers.Add(1)
+	for {
+		if d.process(hereBudget) {
+			go d.work() // inherits the running state and the Add
+			return
+		}
+		if d.state.CompareAndSwap(1, 0) {
+			d.p.e.workers.Done()
+			return
+		}
+		d.state.Store(1)
+	}
+}
+
+// maxSplice bounds one splice(2) into the pipe (the pipe's size).
+const maxSplice = 1 << 20
+
+// process moves what src has to dst until src has nothing more or dst has
+// no room, passes the FIN on after the last byte, and returns. With a
+// budget (> 0) it stops after that many splice calls and reports whether
+// it stopped early.
+func (d *engineDir) process(budget int) (more bool) {
+	p := d.p
+	if p.closed.Load() {
+		d.dropPipe()
+		return false
+	}
+	if d.finned {
+		return false
+	}
+	for calls := 0; ; calls++ {
+		if p.closed.Load() {
+			d.dropPipe()
+			return false
+		}
+		if budget > 0 && calls >= budget {
+			return true
+		}
+		if d.inPipe > 0 {
+			// Set before the attempt: room that comes after it wakes us.
+			d.held.Store(true)
+			n, err := d.pump()
+			if err == unix.EAGAIN {
+				return false
+			}
+			if err != nil {
+				p.finish(err)
+				return false
+			}
+			d.inPipe -= n
+			d.moved.Add(int64(n))
+			if d.c != nil {
+				d.c.Add(float64(n))
+			}
+			continue
+		}
+		d.held.Store(false)
+		if d.eof {
+			d.putPipe()
+			d.finned = true
+			d.dst.c.CloseWrite()
+			if p.ended.Add(1) == 2 {
+				p.finish(nil)
+			}
+			return false
+		}
+		if d.pipe == nil {
+			pp, err := p.e.getPipe()
+			if err != nil {
+				p.finish(err)
+				return false
+			}
+			d.pipe = pp
+		}
+		n, err := d.drain()
+		switch {
+		case err == unix.EAGAIN:
+			d.putPipe()
+			return false
+		case err != nil:
+			p.finish(err)
+			return false
+		case n == 0:
+			d.eof = true
+		default:
+			d.inPipe += n
+		}
+	}
+}
+
+// drain splices from src into the pipe.
+func (d *engineDir) drain() (int, error) {
+	var (
+		n   int
+		err error
+	)
+	cerr := d.src.rc.Control(func(fd uintptr) {
+		for {
+			var m int64
+			m, err = unix.Splice(int(fd), nil, d.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			if err == unix.EINTR {
+				continue
+			}
+			n = int(m)
+			return
+		}
+	})
+	if cerr != nil {
+		return 0, cerr
+	}
+	return n, err
+}
+
+// pump splices from the pipe into dst.
+func (d *engineDir) pump() (int, error) {
+	var (
+		n   int
+		err error
+	)
+	cerr := d.dst.rc.Control(func(fd uintptr) {
+		for {
+			var m int64
+			m, err = unix.Splice(d.pipe.r, nil, int(fd), nil, d.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			if err == unix.EINTR {
+				continue
+			}
+			n = int(m)
+			return
+		}
+	})
+	if cerr != nil {
+		return 0, cerr
+	}
+	return n, err
+}
+
+// putPipe returns an empty pipe for reuse.
+func (d *engineDir) putPipe() {
+	if d.pipe != nil {
+		d.p.e.putPipe(d.pipe)
+		d.pipe = nil
+	}
+}
+
+// dropPipe closes a pipe that may still hold bytes of an ended pair.
+func (d *engineDir) dropPipe() {
+	d.held.Store(false)
+	if d.pipe != nil {
+		if d.inPipe > 0 {
+			d.pipe.close()
+		} else {
+			d.p.e.putPipe(d.pipe)
+		}
+		d.pipe, d.inPipe = nil, 0
+	}
+}
+
+type splicePipe struct{ r, w int }
+
+func (p *splicePipe) close() {
+	unix.Close(p.r)
+	unix.Close(p.w)
+}
+
+// maxIdlePipes bounds the pipes kept for reuse: each counts against the
+// user's pipe buffer quota (fs.pipe-user-pages-soft) even while empty.
+const maxIdlePipes = 16
+
+func (e *engine) getPipe() (*splicePipe, error) {
+	e.pmu.Lock()
+	if n := len(e.pipes); n > 0 {
+		p := e.pipes[n-1]
+		e.pipes = e.pipes[:n-1]
+		e.pmu.Unlock()
+		return p, nil
+	}
+	e.pmu.Unlock()
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, fmt.Errorf("pipe: %w", err)
+	}
+	// Fewer, larger splices; a smaller pipe (quota reached) still works.
+	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, maxSplice)
+	return &splicePipe{r: fds[0], w: fds[1]}, nil
+}
+
+func (e *engine) putPipe(p *splicePipe) {
+	e.pmu.Lock()
+	if len(e.pipes) < maxIdlePipes && !e.shut.Load() {
+		e.pipes = append(e.pipes, p)
+		p = nil
+	}
+	e.pmu.Unlock()
+	if p != nil {
+		p.close()
+	}
+}

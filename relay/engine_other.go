@@ -1,0 +1,22 @@
+//go:build !linux
+
+package relay
+
+import (
+	"context"
+	"errors"
+	"net"
+	"time"
+)
+
+// engine is Linux-only (epoll, splice(2)); elsewhere each passthrough
+// connection is relayed by its own goroutines.
+type engine struct{}
+
+func newEngine() (*engine, error) { return nil, errors.ErrUnsupported }
+
+func (e *engine) close() {}
+
+func (e *engine) splice(context.Context, *net.TCPConn, *net.TCPConn, time.Duration, adder, adder, func(up, down int64, err error)) error {
+	return errors.ErrUnsupported
+}
