@@ -424,48 +424,35 @@ func (d *engineDir) process(budget int) (more bool) {
 
 // drain splices from src into the pipe.
 func (d *engineDir) drain() (int, error) {
-	var (
-		n   int
-		err error
-	)
-	cerr := d.src.rc.Control(func(fd uintptr) {
-		for {
-			var m int64
-			m, err = unix.Splice(int(fd), nil, d.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			if err == unix.EINTR {
-				continue
-			}
-			n = int(m)
-			return
-		}
-	})
-	if cerr != nil {
-		return 0, cerr
-	}
-	return n, err
+	return spliceSock(d.src.rc, func(sock int) (int, int) { return sock, d.pipe.w }, maxSplice)
 }
 
 // pump splices from the pipe into dst.
 func (d *engineDir) pump() (int, error) {
+	return spliceSock(d.dst.rc, func(sock int) (int, int) { return d.pipe.r, sock }, d.inPipe)
+}
+
+// spliceSock moves up to n bytes between a pipe and the socket behind rc,
+// which stays open for the call; ends orders them given the socket's fd.
+func spliceSock(rc syscall.RawConn, ends func(sock int) (in, out int), n int) (int, error) {
 	var (
-		n   int
-		err error
+		moved int
+		err   error
 	)
-	cerr := d.dst.rc.Control(func(fd uintptr) {
+	cerr := rc.Control(func(fd uintptr) {
+		in, out := ends(int(fd))
 		for {
-			var m int64
-			m, err = unix.Splice(d.pipe.r, nil, int(fd), nil, d.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			if err == unix.EINTR {
-				continue
+			m, serr := unix.Splice(in, nil, out, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			if serr != unix.EINTR {
+				moved, err = int(m), serr // m is int64 or int, by architecture
+				return
 			}
-			n = int(m)
-			return
 		}
 	})
 	if cerr != nil {
 		return 0, cerr
 	}
-	return n, err
+	return moved, err
 }
 
 // putPipe returns an empty pipe for reuse.
