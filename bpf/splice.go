@@ -16,6 +16,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/relay-gw/relay/internal/wake"
 	"golang.org/x/sys/unix"
 )
 
@@ -568,8 +569,8 @@ type dir struct {
 	src, dst *end
 	cfg      spliceSpliceCfg // the worker's; written to the map after each copy
 	copied   atomic.Uint64   // by the process (under pressure)
-	state    atomic.Int32    // 0 idle, 1 worker running, 2 running and woken again
-	ended    atomic.Bool     // FIN passed on
+	worker   wake.Worker
+	ended    atomic.Bool // FIN passed on
 }
 
 // release drops d's stat entry and returns the bytes of this direction:
@@ -582,21 +583,9 @@ func (d *dir) release() uint64 {
 
 // schedule runs a worker for d, or tells the running one to look again.
 func (d *dir) schedule() {
-	for {
-		switch d.state.Load() {
-		case 0:
-			if d.state.CompareAndSwap(0, 1) {
-				d.p.s.workers.Add(1)
-				go d.work()
-				return
-			}
-		case 1:
-			if d.state.CompareAndSwap(1, 2) {
-				return
-			}
-		default:
-			return
-		}
+	if d.worker.Wake() {
+		d.p.s.workers.Add(1)
+		go d.work()
 	}
 }
 
@@ -606,10 +595,9 @@ func (d *dir) work() {
 		if !d.ended.Load() && !d.p.closed.Load() {
 			d.process()
 		}
-		if d.state.CompareAndSwap(1, 0) {
+		if d.worker.Done() {
 			return
 		}
-		d.state.Store(1)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/relay-gw/relay/internal/wake"
 	"golang.org/x/sys/unix"
 )
 
@@ -284,26 +285,14 @@ type engineDir struct {
 	finned   bool        // the worker's: and it was passed on to dst
 	held     atomic.Bool // bytes wait in pipe for room in dst
 	moved    atomic.Int64
-	state    atomic.Int32 // 0 idle, 1 worker running, 2 running and woken again
+	worker   wake.Worker
 }
 
 // schedule runs a worker for d, or tells the running one to look again.
 func (d *engineDir) schedule() {
-	for {
-		switch d.state.Load() {
-		case 0:
-			if d.state.CompareAndSwap(0, 1) {
-				d.p.e.workers.Add(1)
-				go d.work()
-				return
-			}
-		case 1:
-			if d.state.CompareAndSwap(1, 2) {
-				return
-			}
-		default:
-			return
-		}
+	if d.worker.Wake() {
+		d.p.e.workers.Add(1)
+		go d.work()
 	}
 }
 
@@ -311,10 +300,9 @@ func (d *engineDir) work() {
 	defer d.p.e.workers.Done()
 	for {
 		d.process(0)
-		if d.state.CompareAndSwap(1, 0) {
+		if d.worker.Done() {
 			return
 		}
-		d.state.Store(1)
 	}
 }
 
@@ -328,9 +316,8 @@ const hereBudget = 4
 // spares interactive traffic a goroutine hand-off per message; a running
 // worker is told to look again instead.
 func (d *engineDir) runHere() {
-	if !d.state.CompareAndSwap(0, 1) {
-		d.schedule()
-		return
+	if !d.worker.Wake() {
+		return // the running worker looks again
 	}
 	d.p.e.workers.Add(1)
 	for {
@@ -338,11 +325,10 @@ func (d *engineDir) runHere() {
 			go d.work() // inherits the running state and the Add
 			return
 		}
-		if d.state.CompareAndSwap(1, 0) {
+		if d.worker.Done() {
 			d.p.e.workers.Done()
 			return
 		}
-		d.state.Store(1)
 	}
 }
 
