@@ -38,13 +38,17 @@ type engine struct {
 	pipes []*splicePipe // empty pipes kept for reuse
 
 	workers sync.WaitGroup
+	ctx     context.Context
+	stop    func() bool // the context registration
 }
 
 // engineSock is one watched socket: the direction it feeds and the one it
 // drains.
 type engineSock struct{ src, dst *engineDir }
 
-func newEngine() (*engine, error) {
+// newEngine starts an engine whose pairs all end when ctx is done (one
+// registration for all: ~200 bytes less per connection than one each).
+func newEngine(ctx context.Context) (*engine, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll: %w", err)
@@ -60,23 +64,33 @@ func newEngine() (*engine, error) {
 		e.ep.Close()
 		return nil, fmt.Errorf("epoll set not pollable: %w", err)
 	}
+	e.ctx = ctx
 	go e.loop()
+	e.stop = context.AfterFunc(ctx, func() { e.finishAll(context.Cause(ctx)) })
 	return e, nil
 }
 
-// close ends every pair (closing its sockets), waits for the workers and
-// releases the epoll set and the pipes.
-func (e *engine) close() {
+// finishAll ends every pair with err.
+func (e *engine) finishAll(err error) {
 	e.mu.Lock()
-	e.shut.Store(true)
 	pairs := make([]*enginePair, 0, len(e.pairs))
 	for p := range e.pairs {
 		pairs = append(pairs, p)
 	}
 	e.mu.Unlock()
 	for _, p := range pairs {
-		p.finish(net.ErrClosed)
+		p.finish(err)
 	}
+}
+
+// close ends every pair (closing its sockets), waits for the workers and
+// releases the epoll set and the pipes.
+func (e *engine) close() {
+	e.stop()
+	e.mu.Lock()
+	e.shut.Store(true)
+	e.mu.Unlock()
+	e.finishAll(net.ErrClosed)
 	// The loop ends before the wait, so that no wake-up starts a worker
 	// during it.
 	e.ep.Close()
@@ -93,9 +107,10 @@ func (e *engine) close() {
 // splice hands client and upstream (the hello already replayed) to the
 // engine and returns; done is called once, from another goroutine, when
 // both directions ended (half-close passed on), one failed, neither side
-// received data for idle, or ctx was canceled, with the bytes moved each
-// way. done must close both sockets. upC and downC advance as bytes move.
-func (e *engine) splice(ctx context.Context, client, upstream *net.TCPConn, idle time.Duration, upC, downC adder, done func(up, down int64, err error)) error {
+// received data for idle, or the engine's context ended, with the bytes
+// moved each way. done must close both sockets. upC and downC advance as
+// bytes move.
+func (e *engine) splice(client, upstream *net.TCPConn, idle time.Duration, upC, downC adder, done func(up, down int64, err error)) error {
 	p := &enginePair{e: e, idle: idle, done: done}
 	for i, c := range []*net.TCPConn{client, upstream} {
 		rc, err := c.SyscallConn()
@@ -112,7 +127,7 @@ func (e *engine) splice(ctx context.Context, client, upstream *net.TCPConn, idle
 	p.up = engineDir{p: p, src: a, dst: b, c: upC}
 	p.down = engineDir{p: p, src: b, dst: a, c: downC}
 	e.mu.Lock()
-	if e.shut.Load() {
+	if e.shut.Load() || e.ctx.Err() != nil { // finishAll has run or will not see p
 		e.mu.Unlock()
 		return net.ErrClosed
 	}
@@ -135,11 +150,6 @@ func (e *engine) splice(ctx context.Context, client, upstream *net.TCPConn, idle
 	}
 	e.pairs[p] = time.Now().Add(idleCheck(idle))
 	e.mu.Unlock()
-	stop := context.AfterFunc(ctx, func() { p.finish(context.Cause(ctx)) })
-	p.stop.Store(&stop)
-	if p.closed.Load() { // finished before the store: finish could not stop it
-		stop()
-	}
 	return nil
 }
 
@@ -231,7 +241,6 @@ type enginePair struct {
 	ended    atomic.Int32 // directions that passed their FIN on
 	once     sync.Once
 	done     func(up, down int64, err error)
-	stop     atomic.Pointer[func() bool] // the ctx registration
 }
 
 type engineEnd struct {
@@ -257,9 +266,6 @@ func (p *enginePair) finish(err error) {
 			delete(e.pairs, p)
 		}
 		e.mu.Unlock()
-		if stop := p.stop.Load(); stop != nil {
-			(*stop)()
-		}
 		if err != nil {
 			p.ends[0].c.Close()
 			p.ends[1].c.Close()

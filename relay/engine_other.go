@@ -13,10 +13,10 @@ import (
 // connection is relayed by its own goroutines.
 type engine struct{}
 
-func newEngine() (*engine, error) { return nil, errors.ErrUnsupported }
+func newEngine(context.Context) (*engine, error) { return nil, errors.ErrUnsupported }
 
 func (e *engine) close() {}
 
-func (e *engine) splice(context.Context, *net.TCPConn, *net.TCPConn, time.Duration, adder, adder, func(up, down int64, err error)) error {
+func (e *engine) splice(*net.TCPConn, *net.TCPConn, time.Duration, adder, adder, func(up, down int64, err error)) error {
 	return errors.ErrUnsupported
 }

@@ -108,7 +108,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 			stop := context.AfterFunc(s.hardCtx, func() { client.Close(); upConn.Close() })
 			up, down, err := cp.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
 			if stop() && errors.Is(err, errParked) {
-				err = eng.splice(s.hardCtx, client, upConn, lim.IdleTimeout.D(), upBytes, downBytes, func(u, d int64, err error) {
+				err = eng.splice(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes, func(u, d int64, err error) {
 					ended(up+u, down+d, err, false)
 					s.release(client)
 				})

@@ -313,7 +313,7 @@ func ignoreClosed(err error) error {
 // cannot run here.
 func (s *Server) engine() *engine {
 	s.engOnce.Do(func() {
-		eng, err := newEngine()
+		eng, err := newEngine(s.hardCtx)
 		if err != nil {
 			if !errors.Is(err, errors.ErrUnsupported) {
 				s.log.Warn("splice engine unavailable: passthrough copies with two goroutines per connection", "err", err)
