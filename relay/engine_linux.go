@@ -177,7 +177,12 @@ func (e *engine) loop() {
 	handle := func(fd uintptr) bool {
 		n, err := unix.EpollWait(int(fd), events, 0)
 		if err != nil {
-			return err != unix.EINTR && e.shut.Load()
+			// Called again from the top: events may be waiting, and
+			// no new wake-up would come for them.
+			if err != unix.EINTR {
+				time.Sleep(10 * time.Millisecond) // a failing set: don't spin
+			}
+			return true
 		}
 		now := time.Now()
 		e.mu.Lock()

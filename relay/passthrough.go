@@ -121,6 +121,9 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 				stop()
 				up, down, err = up+u, down+d, perr
 			}
+			if errors.Is(err, errParked) { // closed by the drain timeout meanwhile
+				err = nil
+			}
 			ended(up, down, err, false)
 			s.release(client)
 		}()
