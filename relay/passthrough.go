@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
+	"github.com/relay-gw/relay/internal/metrics"
 )
 
 // ErrIdle ends a relayed connection on which neither side sent data for
@@ -143,7 +143,7 @@ type spliceCopier struct{}
 // tick during long transfers. The idle check asks the kernel when each
 // socket last received data, so no per-read bookkeeping is needed and the
 // copy stays in splice(2).
-func (spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, upC, downC prometheus.Counter) (up, down int64, err error) {
+func (spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, upC, downC *metrics.Counter) (up, down int64, err error) {
 	tick := min(idle, time.Minute)
 	var (
 		wg     sync.WaitGroup
@@ -161,7 +161,7 @@ func (spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, upC,
 	isIdle := func() bool {
 		return idleFor(client) >= idle && idleFor(upstream) >= idle
 	}
-	dir := func(dst, src *net.TCPConn, total *int64, c prometheus.Counter) {
+	dir := func(dst, src *net.TCPConn, total *int64, c *metrics.Counter) {
 		defer wg.Done()
 		for {
 			src.SetReadDeadline(time.Now().Add(tick))
