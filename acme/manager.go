@@ -34,7 +34,8 @@ import (
 	"github.com/go-acme/lego/v4/challenge/tlsalpn01"
 	"github.com/go-acme/lego/v4/lego"
 	"github.com/go-acme/lego/v4/registration"
-	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/relay-gw/relay/internal/metrics"
 )
 
 // Well-known directories.
@@ -60,7 +61,7 @@ type Options struct {
 		GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	}
 	Logger   *slog.Logger
-	Registry prometheus.Registerer // nil = no metrics
+	Registry *metrics.Registry // nil = no metrics
 
 	// CheckEvery is the maintenance period; default 12h (twice a day).
 	CheckEvery time.Duration
@@ -94,8 +95,8 @@ type Manager struct {
 
 	kick chan struct{}
 
-	expiry *prometheus.GaugeVec
-	orders *prometheus.CounterVec
+	expiry *metrics.GaugeVec
+	orders *metrics.CounterVec
 }
 
 // NewManager loads stored certificates; issuance happens in Run.
@@ -143,18 +144,17 @@ func NewManager(o Options) (*Manager, error) {
 	if err := os.MkdirAll(filepath.Join(m.dir, "certs"), 0o700); err != nil {
 		return nil, fmt.Errorf("acme storage: %w", err)
 	}
-	m.expiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "relay_certificate_expiry_timestamp_seconds",
-		Help: "Expiry (notAfter, Unix time) of each certificate served.",
-	}, []string{"name", "issuer"})
-	m.orders = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "relay_acme_orders_total",
-		Help: "ACME certificate orders, by result.",
-	}, []string{"result"})
+	m.expiry = metrics.NewGaugeVec("relay_certificate_expiry_timestamp_seconds",
+		"Expiry (notAfter, Unix time) of each certificate served.", "name", "issuer")
+	m.orders = metrics.NewCounterVec("relay_acme_orders_total", "ACME certificate orders, by result.", "result")
 	m.orders.WithLabelValues("success")
 	m.orders.WithLabelValues("failure")
 	if o.Registry != nil {
-		o.Registry.MustRegister(m.expiry, m.orders)
+		for _, c := range m.Collectors() {
+			if err := o.Registry.Register(c); err != nil {
+				return nil, fmt.Errorf("acme metrics: %w", err)
+			}
+		}
 	}
 	return m, nil
 }
@@ -702,6 +702,6 @@ func ListStored(stateDir string) ([]CertInfo, error) {
 
 // Collectors are the manager's metrics, for a caller that registers them
 // itself (Options.Registry nil), e.g. to swap managers on reload.
-func (m *Manager) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.expiry, m.orders}
+func (m *Manager) Collectors() []metrics.Collector {
+	return []metrics.Collector{m.expiry, m.orders}
 }

@@ -22,8 +22,7 @@ import (
 
 	acmeapi "github.com/go-acme/lego/v4/acme"
 	"github.com/go-acme/lego/v4/challenge/dns01"
-	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
+	"github.com/relay-gw/relay/internal/metrics"
 	"github.com/relay-gw/relay/internal/testutil"
 )
 
@@ -106,8 +105,8 @@ func (p ctsDNS) CleanUp(domain, _, keyAuth string) error {
 	return p.post("/clear-txt", map[string]string{"host": info.EffectiveFQDN})
 }
 
-func (e *pebbleEnv) manager(t *testing.T, state string, mod func(*Options)) (*Manager, *prometheus.Registry) {
-	reg := prometheus.NewRegistry()
+func (e *pebbleEnv) manager(t *testing.T, state string, mod func(*Options)) (*Manager, *metrics.Registry) {
+	reg := metrics.NewRegistry()
 	o := Options{Email: "admin@relay.test", CA: e.Dir, CARoot: e.CARoot, StateDir: state, Registry: reg,
 		DNS: ctsDNS{e.CTSMgmt}, DNSResolvers: []string{e.DNSAddr}}
 	if testing.Verbose() {
@@ -147,13 +146,13 @@ func verify(t *testing.T, m *Manager, name string, roots *x509.CertPool) *x509.C
 	return c.ConnectionState().PeerCertificates[0]
 }
 
-func orders(reg *prometheus.Registry, result string) float64 {
-	mfs, _ := reg.Gather()
-	for _, mf := range mfs {
-		if mf.GetName() == "relay_acme_orders_total" {
-			for _, m := range mf.GetMetric() {
-				if m.GetLabel()[0].GetValue() == result {
-					return m.GetCounter().GetValue()
+func orders(reg *metrics.Registry, result string) float64 {
+	fams, _ := reg.Gather()
+	for _, f := range fams {
+		if f.Name == "relay_acme_orders_total" {
+			for _, s := range f.Series {
+				if s.Label("result") == result {
+					return s.Value
 				}
 			}
 		}
@@ -184,9 +183,7 @@ func TestACMEWithPebble(t *testing.T) {
 				name = "host" + name[1:]
 			}
 			leaf := verify(t, m, name, roots)
-			var g dto.Metric
-			m.expiry.WithLabelValues(tc.name, leaf.Issuer.CommonName).Write(&g)
-			if v := g.GetGauge().GetValue(); v != float64(leaf.NotAfter.Unix()) {
+			if v := m.expiry.WithLabelValues(tc.name, leaf.Issuer.CommonName).Value(); v != float64(leaf.NotAfter.Unix()) {
 				t.Errorf("expiry metric %v, want %d", v, leaf.NotAfter.Unix())
 			}
 			if st := m.loadState(tc.name); st.ARIRenewAt.IsZero() || !st.ARIRenewAt.Before(leaf.NotAfter) || st.ARINextCheck.IsZero() {

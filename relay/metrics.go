@@ -1,7 +1,9 @@
 package relay
 
 import (
-	"github.com/prometheus/client_golang/prometheus"
+	"fmt"
+
+	"github.com/relay-gw/relay/internal/metrics"
 )
 
 // Route labels that are not a route's match.
@@ -10,58 +12,48 @@ const (
 	labelUnknown  = "unknown"  // rejected: no route for the name
 )
 
-// metrics holds the relay's own series. Names and labels are the contract
+// relayMetrics holds the relay's own series. Names and labels are the contract
 // in DESIGN.md; labels never carry client-controlled strings.
-type metrics struct {
-	connections     *prometheus.CounterVec // route, action
-	active          *prometheus.GaugeVec   // route, action
-	bytes           *prometheus.CounterVec // route, direction
-	helloErrors     *prometheus.CounterVec // reason
-	upstreamErrors  *prometheus.CounterVec // route, reason
-	bpfAttached     prometheus.Gauge
-	reloads         *prometheus.CounterVec // result
-	limitRejections *prometheus.CounterVec // limit
-	tlsErrors       *prometheus.CounterVec // route
+type relayMetrics struct {
+	connections     *metrics.CounterVec // route, action
+	active          *metrics.GaugeVec   // route, action
+	bytes           *metrics.CounterVec // route, direction
+	helloErrors     *metrics.CounterVec // reason
+	upstreamErrors  *metrics.CounterVec // route, reason
+	bpfAttached     *metrics.Gauge
+	reloads         *metrics.CounterVec // result
+	limitRejections *metrics.CounterVec // limit
+	tlsErrors       *metrics.CounterVec // route
 }
 
-func newMetrics(reg prometheus.Registerer, sp Splicer) *metrics {
-	m := &metrics{
-		connections: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_connections_total",
-			Help: "Connections handled, by route and action (passthrough, terminate, reject, redirect, http).",
-		}, []string{"route", "action"}),
-		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "relay_active_connections",
-			Help: "Connections open now, by route and action.",
-		}, []string{"route", "action"}),
-		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_bytes_total",
-			Help: "Bytes relayed: upstream = client to upstream, downstream = upstream to client.",
-		}, []string{"route", "direction"}),
-		helloErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_clienthello_errors_total",
-			Help: "Connections dropped before routing because the TLS ClientHello could not be read.",
-		}, []string{"reason"}),
-		upstreamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_upstream_errors_total",
-			Help: "Upstream failures, by route and reason (dial, timeout, refused, no_healthy, ...).",
-		}, []string{"route", "reason"}),
-		bpfAttached: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "relay_bpf_attached",
-			Help: "1 when the pinned BPF steering programs are in use by this relay, else 0.",
-		}),
-		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_config_reloads_total",
-			Help: "Configuration reloads, by result (success, failure).",
-		}, []string{"result"}),
-		limitRejections: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_limit_rejections_total",
-			Help: "Connections refused or closed because a limit was reached (max_connections, max_handshakes, idle_timeout).",
-		}, []string{"limit"}),
-		tlsErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_tls_handshake_errors_total",
-			Help: "TLS handshakes that failed on terminate routes, by route.",
-		}, []string{"route"}),
+func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
+	m := &relayMetrics{
+		connections: metrics.NewCounterVec("relay_connections_total",
+			"Connections handled, by route and action (passthrough, terminate, reject, redirect, http).",
+			"route", "action"),
+		active: metrics.NewGaugeVec("relay_active_connections",
+			"Connections open now, by route and action.",
+			"route", "action"),
+		bytes: metrics.NewCounterVec("relay_bytes_total",
+			"Bytes relayed: upstream = client to upstream, downstream = upstream to client.",
+			"route", "direction"),
+		helloErrors: metrics.NewCounterVec("relay_clienthello_errors_total",
+			"Connections dropped before routing because the TLS ClientHello could not be read.",
+			"reason"),
+		upstreamErrors: metrics.NewCounterVec("relay_upstream_errors_total",
+			"Upstream failures, by route and reason (dial, timeout, refused, no_healthy, ...).",
+			"route", "reason"),
+		bpfAttached: metrics.NewGauge("relay_bpf_attached",
+			"1 when the pinned BPF steering programs are in use by this relay, else 0."),
+		reloads: metrics.NewCounterVec("relay_config_reloads_total",
+			"Configuration reloads, by result (success, failure).",
+			"result"),
+		limitRejections: metrics.NewCounterVec("relay_limit_rejections_total",
+			"Connections refused or closed because a limit was reached (max_connections, max_handshakes, idle_timeout).",
+			"limit"),
+		tlsErrors: metrics.NewCounterVec("relay_tls_handshake_errors_total",
+			"TLS handshakes that failed on terminate routes, by route.",
+			"route"),
 	}
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)
@@ -69,26 +61,31 @@ func newMetrics(reg prometheus.Registerer, sp Splicer) *metrics {
 	for _, r := range []string{"timeout", "not_tls", "too_large", "malformed"} {
 		m.helloErrors.WithLabelValues(r)
 	}
-	reg.MustRegister(m.connections, m.active, m.bytes, m.helloErrors, m.upstreamErrors,
-		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, splicedCollector{sp})
-	return m
+	for _, c := range []metrics.Collector{m.connections, m.active, m.bytes, m.helloErrors, m.upstreamErrors,
+		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, splicedCollector{sp}} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("relay metrics: %w", err)
+		}
+	}
+	return m, nil
 }
 
-var splicedDesc = prometheus.NewDesc("relay_bpf_spliced_bytes_total",
+var splicedDesc = metrics.NewDesc("relay_bpf_spliced_bytes_total",
 	"Bytes moved in the kernel by the BPF sockmap splice (splice: sockmap), read from its BPF map. 0 while splice(2) is in use.",
-	[]string{"direction"}, nil)
+	metrics.KindCounter, "direction")
 
 // splicedCollector reads the kernel's counters at scrape time; the series
 // exist at zero without a Splicer, so dashboards need no special case.
 type splicedCollector struct{ sp Splicer }
 
-func (c splicedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- splicedDesc }
+func (c splicedCollector) Describe() []*metrics.Desc { return []*metrics.Desc{splicedDesc} }
 
-func (c splicedCollector) Collect(ch chan<- prometheus.Metric) {
+func (c splicedCollector) Collect(s *metrics.Sink) error {
 	var up, down uint64
 	if c.sp != nil {
 		up, down, _ = c.sp.SplicedBytes()
 	}
-	ch <- prometheus.MustNewConstMetric(splicedDesc, prometheus.CounterValue, float64(up), "upstream")
-	ch <- prometheus.MustNewConstMetric(splicedDesc, prometheus.CounterValue, float64(down), "downstream")
+	s.Add(splicedDesc, float64(up), "upstream")
+	s.Add(splicedDesc, float64(down), "downstream")
+	return nil
 }

@@ -12,11 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
 	"github.com/relay-gw/relay/internal/config"
+	"github.com/relay-gw/relay/internal/metrics"
 )
 
 // Options wires a Server. Only Config is required.
@@ -41,7 +38,7 @@ type Options struct {
 
 	// Registry receives the relay's metrics; nil = a new registry with the
 	// Go and process collectors (served at /metrics).
-	Registry *prometheus.Registry
+	Registry *metrics.Registry
 	Logger   *slog.Logger
 
 	// Listeners, when set, are used instead of listening on
@@ -56,8 +53,8 @@ type Options struct {
 type Server struct {
 	opts     Options
 	log      *slog.Logger
-	reg      *prometheus.Registry
-	m        *metrics
+	reg      *metrics.Registry
+	m        *relayMetrics
 	state    atomic.Pointer[state]
 	isLocal  func(netip.Addr) bool
 	splicer  Splicer
@@ -103,13 +100,17 @@ func New(opts Options) (*Server, error) {
 		s.log = slog.Default()
 	}
 	if s.reg == nil {
-		s.reg = prometheus.NewRegistry()
-		s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		s.reg = metrics.NewRegistry()
+		s.reg.MustRegister(metrics.NewGoCollector(), metrics.NewProcessCollector())
 	}
 	if s.isLocal == nil {
 		s.isLocal = newLocalAddrs().contains
 	}
-	s.m = newMetrics(s.reg, s.splicer)
+	m, err := newMetrics(s.reg, s.splicer)
+	if err != nil {
+		return nil, err
+	}
+	s.m = m
 	st, err := s.buildState(opts.Config)
 	if err != nil {
 		return nil, err
@@ -170,7 +171,7 @@ func (s *Server) HTTPListener() net.Listener { return s.httpLn }
 
 // Registry returns the registry served at /metrics, so that callers can add
 // collectors (BPF counters, certificates).
-func (s *Server) Registry() *prometheus.Registry { return s.reg }
+func (s *Server) Registry() *metrics.Registry { return s.reg }
 
 // SetBPFAttached sets relay_bpf_attached.
 func (s *Server) SetBPFAttached(on bool) {
@@ -235,7 +236,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	if s.metricLn != nil {
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
+		mux.Handle("/metrics", s.reg.Handler())
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		start(func() error { return ignoreClosed(metricsSrv.Serve(s.metricLn)) })
 	}

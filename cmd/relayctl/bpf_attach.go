@@ -43,7 +43,9 @@ func attachBPF(srv *relay.Server, cfg *config.Config, log *slog.Logger) *bpf.Ste
 			return nil
 		}
 	}
-	srv.Registry().MustRegister(s.Collector())
+	if err := srv.Registry().Register(s.Collector()); err != nil {
+		log.Error("BPF counters not exported", "err", err)
+	}
 	srv.SetBPFAttached(true)
 	log.Info("BPF steering attached: connections to this host's ports are handed to the relay by sk_lookup", "pin_dir", cfg.Steer.PinDir)
 	return s

@@ -17,11 +17,10 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/relay-gw/relay/acme"
 	"github.com/relay-gw/relay/internal/config"
+	"github.com/relay-gw/relay/internal/metrics"
 	"github.com/relay-gw/relay/relay"
 )
 
@@ -89,7 +88,9 @@ func cmdServe(e *env, args []string) error {
 		return err
 	}
 	certs.setACME(mgr, acmeKey(cfg))
-	reg.MustRegister(acmeMetrics{certs})
+	if err := reg.Register(certMetrics{certs}); err != nil {
+		return err
+	}
 	opts := relay.Options{
 		Config:      cfg,
 		Certs:       certs.forRoute,
@@ -109,7 +110,6 @@ func cmdServe(e *env, args []string) error {
 		return fmt.Errorf("start: %w", err)
 	}
 	certs.commitBuild(cfg)
-	reg.MustRegister(certs)
 	if st := attachBPF(srv, cfg, log); st != nil {
 		defer st.Close()
 	}
@@ -246,16 +246,12 @@ func (c *certSources) commitBuild(cfg *config.Config) {
 	c.mu.Unlock()
 }
 
-var certExpiryDesc = prometheus.NewDesc("relay_certificate_expiry_timestamp_seconds",
-	"Expiry (notAfter, Unix time) of each certificate served.", []string{"name", "issuer"}, nil)
+var certExpiryDesc = metrics.NewDesc("relay_certificate_expiry_timestamp_seconds",
+	"Expiry (notAfter, Unix time) of each certificate served.", metrics.KindGauge, "name", "issuer")
 
-// Describe sends nothing: the ACME manager exports the same series for
-// its certificates, and an unchecked collector may share the name.
-func (c *certSources) Describe(chan<- *prometheus.Desc) {}
-
-// Collect exports the expiry of internal-CA leaves and certificate files
-// (ACME certificates are exported by the ACME manager).
-func (c *certSources) Collect(ch chan<- prometheus.Metric) {
+// collectLeaves exports the expiry of internal-CA leaves and certificate
+// files (ACME certificates are exported by the ACME manager).
+func (c *certSources) collectLeaves(s *metrics.Sink) {
 	c.mu.Lock()
 	var leaves []*x509.Certificate
 	names := map[*x509.Certificate]string{}
@@ -282,7 +278,7 @@ func (c *certSources) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		seen[name] = true
-		ch <- prometheus.MustNewConstMetric(certExpiryDesc, prometheus.GaugeValue, float64(l.NotAfter.Unix()), name, l.Issuer.CommonName)
+		s.Add(certExpiryDesc, float64(l.NotAfter.Unix()), name, l.Issuer.CommonName)
 	}
 }
 
@@ -368,25 +364,32 @@ func (a acmeChallenges) TLSALPN01(name string) (*tls.Certificate, bool) {
 	return nil, false
 }
 
-var ordersDesc = prometheus.NewDesc("relay_acme_orders_total", "ACME certificate orders, by result.", []string{"result"}, nil)
+var ordersDesc = metrics.NewDesc("relay_acme_orders_total", "ACME certificate orders, by result.", metrics.KindCounter, "result")
 
-// acmeMetrics exports the current manager's series; without ACME the
-// order counters exist at zero, so dashboards and alerts need no special
-// case.
-type acmeMetrics struct{ c *certSources }
+// certMetrics exports the certificate families: the current ACME
+// manager's series (reloads may replace the manager) and the expiry of
+// the other certificates. Without ACME the order counters exist at zero,
+// so dashboards and alerts need no special case.
+type certMetrics struct{ c *certSources }
 
-func (a acmeMetrics) Describe(chan<- *prometheus.Desc) {}
+func (cm certMetrics) Describe() []*metrics.Desc {
+	return []*metrics.Desc{certExpiryDesc, ordersDesc}
+}
 
-func (a acmeMetrics) Collect(ch chan<- prometheus.Metric) {
-	if m := a.c.current(); m != nil {
+func (cm certMetrics) Collect(s *metrics.Sink) error {
+	if m := cm.c.current(); m != nil {
 		for _, col := range m.Collectors() {
-			col.Collect(ch)
+			if err := col.Collect(s); err != nil {
+				return err
+			}
 		}
-		return
+	} else {
+		for _, r := range []string{"success", "failure"} {
+			s.Add(ordersDesc, 0, r)
+		}
 	}
-	for _, r := range []string{"success", "failure"} {
-		ch <- prometheus.MustNewConstMetric(ordersDesc, prometheus.CounterValue, 0, r)
-	}
+	cm.c.collectLeaves(s)
+	return nil
 }
 
 func (c *certSources) internalCA() (*acme.InternalCA, error) {
@@ -430,9 +433,9 @@ func (c *certSources) forRoute(r *config.Route) (relay.CertSource, error) {
 
 // newRegistry is the /metrics registry: the relay's series plus the Go
 // runtime and process collectors.
-func newRegistry() *prometheus.Registry {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+func newRegistry() *metrics.Registry {
+	reg := metrics.NewRegistry()
+	reg.MustRegister(metrics.NewGoCollector(), metrics.NewProcessCollector())
 	return reg
 }
 

@@ -10,9 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
+	"github.com/relay-gw/relay/internal/metrics"
 )
 
 func init() {
@@ -36,7 +34,7 @@ func cmdStats(e *env, args []string) error {
 	return nil
 }
 
-func scrape(addr string) (map[string]*dto.MetricFamily, error) {
+func scrape(addr string) (map[string][]metrics.Series, error) {
 	if addr == "" || addr == "off" {
 		return nil, fmt.Errorf("listen.metrics is off")
 	}
@@ -53,30 +51,21 @@ func scrape(addr string) (map[string]*dto.MetricFamily, error) {
 		return nil, err
 	}
 	defer resp.Body.Close()
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	return p.TextToMetricFamilies(resp.Body)
-}
-
-func label(m *dto.Metric, name string) string {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == name {
-			return l.GetValue()
-		}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
 	}
-	return ""
-}
-
-func value(m *dto.Metric) float64 {
-	switch {
-	case m.Counter != nil:
-		return m.Counter.GetValue()
-	case m.Gauge != nil:
-		return m.Gauge.GetValue()
+	fams, err := metrics.Parse(resp.Body)
+	if err != nil {
+		return nil, err
 	}
-	return 0
+	series := map[string][]metrics.Series{}
+	for _, f := range fams {
+		series[f.Name] = f.Series
+	}
+	return series, nil
 }
 
-func printRelayStats(w io.Writer, fams map[string]*dto.MetricFamily) {
+func printRelayStats(w io.Writer, fams map[string][]metrics.Series) {
 	type row struct {
 		route, action string
 		conns, active float64
@@ -89,25 +78,25 @@ func printRelayStats(w io.Writer, fams map[string]*dto.MetricFamily) {
 		}
 		return rows[k]
 	}
-	for _, m := range fams["relay_connections_total"].GetMetric() {
-		get(label(m, "route"), label(m, "action")).conns = value(m)
+	for _, m := range fams["relay_connections_total"] {
+		get(m.Label("route"), m.Label("action")).conns = m.Value
 	}
-	for _, m := range fams["relay_active_connections"].GetMetric() {
-		get(label(m, "route"), label(m, "action")).active = value(m)
+	for _, m := range fams["relay_active_connections"] {
+		get(m.Label("route"), m.Label("action")).active = m.Value
 	}
 	byRoute := map[string][2]float64{}
-	for _, m := range fams["relay_bytes_total"].GetMetric() {
-		b := byRoute[label(m, "route")]
-		if label(m, "direction") == "upstream" {
-			b[0] = value(m)
+	for _, m := range fams["relay_bytes_total"] {
+		b := byRoute[m.Label("route")]
+		if m.Label("direction") == "upstream" {
+			b[0] = m.Value
 		} else {
-			b[1] = value(m)
+			b[1] = m.Value
 		}
-		byRoute[label(m, "route")] = b
+		byRoute[m.Label("route")] = b
 	}
 	errsByRoute := map[string]float64{}
-	for _, m := range fams["relay_upstream_errors_total"].GetMetric() {
-		errsByRoute[label(m, "route")] += value(m)
+	for _, m := range fams["relay_upstream_errors_total"] {
+		errsByRoute[m.Label("route")] += m.Value
 	}
 	keys := make([]string, 0, len(rows))
 	for k := range rows {
@@ -127,17 +116,17 @@ func printRelayStats(w io.Writer, fams map[string]*dto.MetricFamily) {
 	}
 	tw.Flush()
 	var hello []string
-	for _, m := range fams["relay_clienthello_errors_total"].GetMetric() {
-		if v := value(m); v > 0 {
-			hello = append(hello, fmt.Sprintf("%s=%.0f", label(m, "reason"), v))
+	for _, m := range fams["relay_clienthello_errors_total"] {
+		if v := m.Value; v > 0 {
+			hello = append(hello, fmt.Sprintf("%s=%.0f", m.Label("reason"), v))
 		}
 	}
 	sort.Strings(hello)
 	if len(hello) > 0 {
 		fmt.Fprintf(w, "clienthello errors: %s\n", strings.Join(hello, " "))
 	}
-	for _, m := range fams["relay_bpf_attached"].GetMetric() {
-		fmt.Fprintf(w, "bpf attached: %v\n", value(m) == 1)
+	for _, m := range fams["relay_bpf_attached"] {
+		fmt.Fprintf(w, "bpf attached: %v\n", m.Value == 1)
 	}
 }
 
