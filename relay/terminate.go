@@ -211,6 +211,11 @@ func (c *termConn) Read(p []byte) (int, error) {
 	if len(c.pending) > 0 {
 		n := copy(p, c.pending)
 		c.pending = c.pending[n:]
+		if len(c.pending) == 0 {
+			// Replayed: an empty tail would still pin the hello's ~2 KB
+			// buffer for as long as the connection lives.
+			c.pending = nil
+		}
 		return n, nil
 	}
 	n, err := c.Conn.Read(p)
