@@ -174,7 +174,7 @@ func TestHelloReplayCompletesRealHandshake(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cc := &termConn{Conn: c, pending: h.Raw, done: make(chan struct{})}
+	cc := &termConn{Conn: c, pending: h.Raw}
 	srv := tls.Server(cc, &tls.Config{GetCertificate: ca.GetCertificate})
 	if err := srv.Handshake(); err != nil {
 		t.Fatalf("handshake over replayed hello: %v", err)
