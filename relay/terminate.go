@@ -57,6 +57,10 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
 		ResponseHeaderTimeout: 0, // long polls and slow APIs are the upstream's business
+		// Accept-Encoding is the client's to choose: by default the
+		// Transport asks for gzip where the client did not and then
+		// decompresses the response in the relay.
+		DisableCompression: true,
 	}
 	if u.Scheme == "https" {
 		tc := &tls.Config{InsecureSkipVerify: t.UpstreamInsecure}

@@ -2,10 +2,13 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/relay-gw/relay/internal/config"
@@ -65,6 +68,54 @@ func TestTerminateAccountingOnClose(t *testing.T) {
 	for _, dir := range []string{"upstream", "downstream"} {
 		if v := metricValue(m, `relay_bytes_total{direction="`+dir+`",route="acct.test"}`); v <= 0 {
 			t.Errorf("relay_bytes_total %s = %v, want > 0", dir, v)
+		}
+	}
+}
+
+// TestTerminateAcceptEncodingIsTheClients: the upstream sees the client's
+// Accept-Encoding, not one the relay added, and an encoded response
+// reaches the client as the upstream sent it.
+func TestTerminateAcceptEncodingIsTheClients(t *testing.T) {
+	var zipped bytes.Buffer
+	zw := gzip.NewWriter(&zipped)
+	io.WriteString(zw, "hello, compressed")
+	zw.Close()
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Seen-Accept-Encoding", r.Header.Get("Accept-Encoding"))
+		if strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") {
+			w.Header().Set("Content-Encoding", "gzip")
+			w.Write(zipped.Bytes())
+			return
+		}
+		io.WriteString(w, "hello, plain")
+	}))
+	defer upstream.Close()
+	r := startRelay(t, baseConfig(config.Route{Match: "gz.test", Terminate: &config.Terminate{Upstream: upstream.URL, TLS: config.TLS{Mode: "internal"}}}))
+	c, err := r.dialTLS(t, "gz.test", r.ca.pool, "http/1.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	for _, tc := range []struct{ accept, wantEncoding, wantBody string }{
+		{"", "", "hello, plain"},
+		{"gzip", "gzip", zipped.String()},
+	} {
+		req := "GET / HTTP/1.1\r\nHost: gz.test\r\n"
+		if tc.accept != "" {
+			req += "Accept-Encoding: " + tc.accept + "\r\n"
+		}
+		io.WriteString(c, req+"\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if got := resp.Header.Get("X-Seen-Accept-Encoding"); got != tc.accept {
+			t.Errorf("client sent Accept-Encoding %q, upstream saw %q", tc.accept, got)
+		}
+		if got := resp.Header.Get("Content-Encoding"); got != tc.wantEncoding || string(body) != tc.wantBody {
+			t.Errorf("Accept-Encoding %q: got Content-Encoding %q, body %q; want %q, %q", tc.accept, got, body, tc.wantEncoding, tc.wantBody)
 		}
 	}
 }
