@@ -4,12 +4,17 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
+	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/relay-gw/relay/internal/config"
 )
@@ -117,5 +122,77 @@ func TestTerminateAcceptEncodingIsTheClients(t *testing.T) {
 		if got := resp.Header.Get("Content-Encoding"); got != tc.wantEncoding || string(body) != tc.wantBody {
 			t.Errorf("Accept-Encoding %q: got Content-Encoding %q, body %q; want %q, %q", tc.accept, got, body, tc.wantEncoding, tc.wantBody)
 		}
+	}
+}
+
+// TestTerminateKeepsUpstreamConnsOfABurst: after a burst of more
+// concurrent requests than the old idle limit (32), the next burst reuses
+// the upstream connections instead of dialling again.
+func TestTerminateKeepsUpstreamConnsOfABurst(t *testing.T) {
+	const n = 48
+	var mu sync.Mutex
+	arrived, dials := 0, 0
+	release := make(chan struct{})
+	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		if arrived++; arrived == n {
+			close(release) // all n are in flight on n upstream connections
+		}
+		ch := release
+		mu.Unlock()
+		<-ch
+		io.WriteString(w, "ok")
+	}))
+	upstream.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			mu.Lock()
+			dials++
+			mu.Unlock()
+		}
+	}
+	upstream.Start()
+	defer upstream.Close()
+	r := startRelay(t, baseConfig(config.Route{Match: "burst.test", Terminate: &config.Terminate{Upstream: upstream.URL, TLS: config.TLS{Mode: "internal"}}}))
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: r.ca.pool},
+		ForceAttemptHTTP2: true, // n streams on one client connection
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return dialer(5*time.Second).DialContext(ctx, "tcp", r.HTTPSAddr().String())
+		},
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+	burst := func() {
+		var wg sync.WaitGroup
+		for range n {
+			wg.Go(func() {
+				resp, err := client.Get("https://burst.test/")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			})
+		}
+		wg.Wait()
+	}
+	burst()
+	mu.Lock()
+	first := dials
+	arrived, release = 0, make(chan struct{})
+	mu.Unlock()
+	if first != n {
+		t.Fatalf("first burst: %d upstream connections, want %d", first, n)
+	}
+	burst()
+	mu.Lock()
+	again := dials - first
+	mu.Unlock()
+	t.Logf("second burst: %d new upstream connections", again)
+	// An idle limit below n forces n-limit new dials; a connection the
+	// relay has not yet put back into its pool may cost one more.
+	if again >= n-32 {
+		t.Errorf("second burst dialled %d new upstream connections, want (nearly) none", again)
 	}
 }
