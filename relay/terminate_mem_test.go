@@ -2,10 +2,12 @@ package relay
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -28,7 +30,7 @@ var idleProfile = flag.String("idleprofile", "", "BenchmarkTerminateIdleMemory: 
 // counted in the relay's heap.
 func TestMain(m *testing.M) {
 	if addr := os.Getenv("RELAY_IDLE_HOLDER"); addr != "" {
-		if err := holdIdle(addr, os.Getenv("RELAY_IDLE_SNI"), os.Getenv("RELAY_IDLE_N")); err != nil {
+		if err := holdIdle(addr, os.Getenv("RELAY_IDLE_SNI"), os.Getenv("RELAY_IDLE_PROTO"), os.Getenv("RELAY_IDLE_N")); err != nil {
 			fmt.Fprintln(os.Stderr, "idle holder:", err)
 			os.Exit(1)
 		}
@@ -37,50 +39,95 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// holdIdle opens n TLS connections to addr (no ALPN: HTTP/1.1, as the
-// bench's loadgen idle -http), does one GET on each, prints "ready" and
-// holds them until stdin closes.
-func holdIdle(addr, sni, count string) error {
+// holdIdle opens n TLS connections to addr, does one GET on each, prints
+// "ready" and holds them until stdin closes. proto h1 offers no ALPN, as
+// the bench's loadgen idle -http; h2 speaks HTTP/2, as browsers do.
+func holdIdle(addr, sni, proto, count string) error {
 	n, err := strconv.Atoi(count)
 	if err != nil {
 		return fmt.Errorf("RELAY_IDLE_N: %w", err)
 	}
 	conns := make([]io.Closer, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
 	for i := range n {
-		c, err := dialer(5*time.Second).Dial("tcp", addr)
+		var c io.Closer
+		if proto == "h2" {
+			c, err = idleH2(addr, sni)
+		} else {
+			c, err = idleH1(addr, sni)
+		}
 		if err != nil {
 			return fmt.Errorf("conn %d: %w", i, err)
 		}
-		tc := tls.Client(c, &tls.Config{ServerName: sni, InsecureSkipVerify: true})
-		tc.SetDeadline(time.Now().Add(10 * time.Second))
-		fmt.Fprintf(tc, "GET / HTTP/1.1\r\nHost: %s\r\n\r\n", sni)
-		resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
-		if err != nil {
-			return fmt.Errorf("conn %d: %w", i, err)
-		}
-		_, err = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if err != nil || resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("conn %d: status %d, body: %v", i, resp.StatusCode, err)
-		}
-		tc.SetDeadline(time.Time{})
-		conns = append(conns, tc)
+		conns = append(conns, c)
 	}
 	fmt.Println("ready")
 	io.Copy(io.Discard, os.Stdin)
-	for _, c := range conns {
-		c.Close()
-	}
 	return nil
 }
 
+func idleH1(addr, sni string) (io.Closer, error) {
+	c, err := dialer(5*time.Second).Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(c, &tls.Config{ServerName: sni, InsecureSkipVerify: true})
+	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(tc, "GET / HTTP/1.1\r\nHost: %s\r\n\r\n", sni)
+	resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+	if err != nil {
+		tc.Close()
+		return nil, err
+	}
+	_, err = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		tc.Close()
+		return nil, fmt.Errorf("status %d, body: %v", resp.StatusCode, err)
+	}
+	tc.SetDeadline(time.Time{})
+	return tc, nil
+}
+
+// idleH2 leaves one HTTP/2 connection idle in a Transport of its own.
+func idleH2(addr, sni string) (io.Closer, error) {
+	var p http.Protocols
+	p.SetHTTP2(true)
+	tr := &http.Transport{
+		TLSClientConfig: &tls.Config{ServerName: sni, InsecureSkipVerify: true},
+		Protocols:       &p,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return dialer(5*time.Second).DialContext(ctx, "tcp", addr)
+		},
+	}
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("https://" + sni + "/")
+	if err != nil {
+		return nil, err
+	}
+	_, err = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || resp.ProtoMajor != 2 {
+		tr.CloseIdleConnections()
+		return nil, fmt.Errorf("%s status %d, body: %v", resp.Proto, resp.StatusCode, err)
+	}
+	return closerFunc(tr.CloseIdleConnections), nil
+}
+
+type closerFunc func()
+
+func (f closerFunc) Close() error { f(); return nil }
+
 // BenchmarkTerminateIdleMemory reports what the relay keeps per idle
-// established TLS connection of a terminate route after one HTTP/1.1 GET
-// (the bench's "KB per idle conn"): live heap, heap spans in use, stacks
+// established TLS connection of a terminate route after one GET (h1 is
+// the bench's "KB per idle conn"): live heap, heap spans in use, stacks
 // and goroutines. The connections are held by a child process. To see
 // what the heap holds:
 //
-//	go test -run XXX -bench TerminateIdleMemory -benchtime 1x -memprofilerate 1 ./relay -idleprofile=/tmp/idle.pprof
+//	go test -run XXX -bench TerminateIdleMemory/h1 -benchtime 1x -memprofilerate 1 ./relay -idleprofile=/tmp/idle.pprof
 //	go tool pprof -sample_index inuse_space -top /tmp/idle.pprof
 func BenchmarkTerminateIdleMemory(b *testing.B) {
 	const n = 1000
@@ -93,36 +140,41 @@ func BenchmarkTerminateIdleMemory(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	for range b.N {
-		before := readMem()
-		holder := exec.Command(self)
-		holder.Env = append(os.Environ(), "RELAY_IDLE_HOLDER="+r.HTTPSAddr().String(), "RELAY_IDLE_SNI=term.test", "RELAY_IDLE_N="+strconv.Itoa(n))
-		holder.Stderr = os.Stderr
-		stdin, _ := holder.StdinPipe()
-		stdout, _ := holder.StdoutPipe()
-		if err := holder.Start(); err != nil {
-			b.Fatal(err)
-		}
-		line, _ := bufio.NewReader(stdout).ReadString('\n')
-		if !strings.HasPrefix(line, "ready") {
-			holder.Wait()
-			b.Fatalf("idle holder: %q", line)
-		}
-		// The last responses are out; let their handlers return.
-		time.Sleep(200 * time.Millisecond)
-		held := readMem()
-		if *idleProfile != "" {
-			writeHeapProfile(b, *idleProfile)
-		}
-		stdin.Close()
-		holder.Wait()
-		waitFor(b, func() bool { return r.active.Load() == 0 })
+	for _, proto := range []string{"h1", "h2"} {
+		b.Run(proto, func(b *testing.B) {
+			for range b.N {
+				before := readMem()
+				holder := exec.Command(self)
+				holder.Env = append(os.Environ(), "RELAY_IDLE_HOLDER="+r.HTTPSAddr().String(), "RELAY_IDLE_SNI=term.test",
+					"RELAY_IDLE_PROTO="+proto, "RELAY_IDLE_N="+strconv.Itoa(n))
+				holder.Stderr = os.Stderr
+				stdin, _ := holder.StdinPipe()
+				stdout, _ := holder.StdoutPipe()
+				if err := holder.Start(); err != nil {
+					b.Fatal(err)
+				}
+				line, _ := bufio.NewReader(stdout).ReadString('\n')
+				if !strings.HasPrefix(line, "ready") {
+					holder.Wait()
+					b.Fatalf("idle holder: %q", line)
+				}
+				// The last responses are out; let their handlers return.
+				time.Sleep(200 * time.Millisecond)
+				held := readMem()
+				if *idleProfile != "" {
+					writeHeapProfile(b, *idleProfile)
+				}
+				stdin.Close()
+				holder.Wait()
+				waitFor(b, func() bool { return r.active.Load() == 0 })
 
-		per := func(v1, v0 uint64) float64 { return (float64(v1) - float64(v0)) / n }
-		b.ReportMetric(per(held.live, before.live), "heap-B/conn")
-		b.ReportMetric(per(held.inuse, before.inuse), "heap-inuse-B/conn")
-		b.ReportMetric(per(held.stacks, before.stacks), "stack-B/conn")
-		b.ReportMetric(per(held.goroutines, before.goroutines), "goroutines/conn")
+				per := func(v1, v0 uint64) float64 { return (float64(v1) - float64(v0)) / n }
+				b.ReportMetric(per(held.live, before.live), "heap-B/conn")
+				b.ReportMetric(per(held.inuse, before.inuse), "heap-inuse-B/conn")
+				b.ReportMetric(per(held.stacks, before.stacks), "stack-B/conn")
+				b.ReportMetric(per(held.goroutines, before.goroutines), "goroutines/conn")
+			}
+		})
 	}
 }
 
