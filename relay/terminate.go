@@ -130,7 +130,8 @@ func (s *Server) state0Limits() config.Limits {
 
 // terminate ends TLS on client and forwards the plaintext. It releases the
 // handshake slot once the TLS handshake is done. HTTP connections live on
-// in the http server (detached), which releases them when it closes them.
+// in the http server, which releases them when it closes them: for those
+// it returns true.
 func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (detached bool) {
 	lim := s.state.Load().cfg.Limits
 	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, s: s}
