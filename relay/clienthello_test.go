@@ -174,9 +174,13 @@ func TestHelloReplayCompletesRealHandshake(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := tls.Server(&termConn{Conn: c, pending: h.Raw, done: make(chan struct{})}, &tls.Config{GetCertificate: ca.GetCertificate})
+	cc := &termConn{Conn: c, pending: h.Raw}
+	srv := tls.Server(cc, &tls.Config{GetCertificate: ca.GetCertificate})
 	if err := srv.Handshake(); err != nil {
 		t.Fatalf("handshake over replayed hello: %v", err)
+	}
+	if cc.pending != nil {
+		t.Errorf("after the handshake the conn still holds %d bytes (cap %d) of the replayed hello", len(cc.pending), cap(cc.pending))
 	}
 	srv.Close()
 	if err := <-done; err != nil {

@@ -69,7 +69,7 @@ func (s *Server) serveALPNChallenge(c *net.TCPConn, hello *ClientHello) {
 		Certificates: []tls.Certificate{*cert},
 		NextProtos:   []string{"acme-tls/1"},
 	}
-	cc := &termConn{Conn: c, pending: hello.Raw, done: make(chan struct{})}
+	cc := &termConn{Conn: c, pending: hello.Raw}
 	tc := tls.Server(cc, conf)
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if err := tc.Handshake(); err != nil {

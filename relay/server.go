@@ -402,8 +402,9 @@ func (s *Server) routed(c net.Conn) bool {
 }
 
 // detach marks routed c as living on after its handler returns (copy
-// goroutines, the kernel splice, the http server): whoever holds it then
-// releases it. False while draining.
+// goroutines, the kernel splice) and closed through hardCtx: whoever holds
+// it then releases it. False while draining. (Terminated connections in
+// the http server stay routed: the drain timeout closes them directly.)
 func (s *Server) detach(c net.Conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
