@@ -22,7 +22,7 @@ import (
 // enginePairs connects n client→relay and relay→upstream socket pairs on
 // loopback: cli[i] talks to up[i] once the relay's two sockets (a[i], b[i])
 // are handed to the engine.
-func enginePairs(t *testing.T, n int) (cli, a, b, up []*net.TCPConn) {
+func enginePairs(t testing.TB, n int) (cli, a, b, up []*net.TCPConn) {
 	t.Helper()
 	lr, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -392,5 +392,32 @@ func TestPassthroughParksQuietConnection(t *testing.T) {
 	c2.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := c2.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("parked connection still open after the drain timeout: %v", err)
+	}
+}
+
+// BenchmarkEngineIdleMemory reports the Go heap the engine keeps per
+// parked pair (its bookkeeping, beyond the two sockets' net.TCPConn):
+// `go test -run XXX -bench EngineIdleMemory ./relay`.
+func BenchmarkEngineIdleMemory(b *testing.B) {
+	const n = 500
+	for range b.N {
+		e, err := newEngine(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		_, a, bb, _ := enginePairs(b, n)
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		for i := range n {
+			if err := e.splice(a[i], bb[i], time.Hour, nil, nil, func(int64, int64, error) {}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/n, "B/pair")
+		b.ReportMetric(float64(after.StackInuse)-float64(before.StackInuse), "stack-B")
+		e.close()
 	}
 }
