@@ -20,8 +20,8 @@ import (
 // short-lived worker moves a direction's bytes when its source becomes
 // readable or, with bytes held in its pipe, its destination writable. An
 // idle connection costs its sockets and ~0.5 KB of bookkeeping
-// (BenchmarkEngineIdleMemory); with a
-// blocked io.Copy per direction it cost two goroutine stacks (~8 KB).
+// (BenchmarkEngineIdleMemory); with a blocked io.Copy per direction it
+// cost two goroutine stacks (~8 KB).
 //
 // The epoll set's own descriptor sits in the runtime's netpoller, so the
 // loop parks like any network read.
