@@ -65,6 +65,11 @@ type result struct {
 
 func newSplicedPair(t *testing.T, s *Splicer, pre []byte, idle time.Duration) *splicedPair {
 	t.Helper()
+	return newSplicedPairCtx(t, context.Background(), s, pre, idle)
+}
+
+func newSplicedPairCtx(t *testing.T, ctx context.Context, s *Splicer, pre []byte, idle time.Duration) *splicedPair {
+	t.Helper()
 	lc := net.ListenConfig{}
 	lc.SetMultipathTCP(false)
 	relayLn, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
@@ -96,7 +101,7 @@ func newSplicedPair(t *testing.T, s *Splicer, pre []byte, idle time.Duration) *s
 		t.Fatal(err)
 	}
 	p := &splicedPair{client: c.(*net.TCPConn), upstream: u.(*net.TCPConn), relayIn: rc.(*net.TCPConn), done: make(chan result, 1)}
-	err = s.Splice(context.Background(), rc.(*net.TCPConn), ru.(*net.TCPConn), pre, idle, func(up, down int64, err error) {
+	err = s.Splice(ctx, rc.(*net.TCPConn), ru.(*net.TCPConn), pre, idle, func(up, down int64, err error) {
 		rc.Close()
 		ru.Close()
 		p.done <- result{up, down, err}
@@ -287,5 +292,30 @@ func TestSpliceIdleTimeout(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("idle pair not ended within 10s")
+	}
+}
+
+// TestSpliceCancel: canceling the context given to Splice (the relay's
+// drain timeout) ends the pair at once: done runs, both sockets close and
+// the maps forget it.
+func TestSpliceCancel(t *testing.T) {
+	s := newTestSplicer(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	p := newSplicedPairCtx(t, ctx, s, []byte("hello"), time.Hour)
+	p.client.Write([]byte("x"))
+	io.ReadFull(p.upstream, make([]byte, len("hello")+1))
+	cancel()
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("cancel did not end the pair")
+	}
+	p.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := p.client.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("client read after cancel: %v, want EOF or reset", err)
+	}
+	var key uint64
+	if s.stat.NextKey(nil, &key) == nil || s.cfg.NextKey(nil, &key) == nil {
+		t.Fatal("splice maps still hold entries after cancel")
 	}
 }
