@@ -652,7 +652,7 @@ func (d *dir) process() {
 			d.copied.Add(uint64(n))
 			d.cfg.Written += uint64(n)
 			d.cfg.Consumed += uint64(n)
-			if err := p.s.cfg.Put(d.src.cookie, d.cfg); err != nil {
+			if err := p.s.cfg.Update(d.src.cookie, d.cfg, ebpf.UpdateExist); err != nil {
 				p.finish(fmt.Errorf("splice cfg: %w", err))
 				return
 			}

@@ -140,6 +140,16 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 // connection then costs no goroutine stacks (~6 KB instead of ~15 KB).
 const parkAfter = time.Second
 
+// Parking states of a pipe: one direction asks, the other stops at its
+// next read and confirms; the asker waits parkWait for that.
+const (
+	parkNone int32 = iota
+	parkAsked
+	parkStopped
+)
+
+const parkWait = 100 * time.Millisecond
+
 // errParked ends a pipe whose connection was handed over (not closed).
 var errParked = errors.New("parked")
 
@@ -185,12 +195,13 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 		tick = min(tick, cp.parkAfter)
 	}
 	var (
-		wg     sync.WaitGroup
-		once   sync.Once
-		first  error
-		closed atomic.Bool
-		park   atomic.Bool // both directions stop, nothing is closed
-		ended  atomic.Int32
+		wg      sync.WaitGroup
+		once    sync.Once
+		first   error
+		closed  atomic.Bool
+		park    atomic.Int32          // parkNone, parkAsked, parkStopped
+		stopped = make(chan struct{}) // closed when the asked direction stopped
+		ended   atomic.Int32
 	)
 	fail := func(e error) {
 		once.Do(func() { first = e })
@@ -206,7 +217,9 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 		defer wg.Done()
 		for {
 			src.SetReadDeadline(time.Now().Add(tick))
-			if park.Load() { // after the deadline: see the request below
+			// After the deadline: see the request below.
+			if park.CompareAndSwap(parkAsked, parkStopped) {
+				close(stopped)
 				src.SetReadDeadline(time.Time{})
 				return
 			}
@@ -221,7 +234,8 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 				dst.CloseWrite()
 				return
 			case errors.Is(err, os.ErrDeadlineExceeded):
-				if park.Load() {
+				if park.CompareAndSwap(parkAsked, parkStopped) {
+					close(stopped)
 					src.SetReadDeadline(time.Time{})
 					return
 				}
@@ -233,10 +247,22 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 				// pairs with both directions open.
 				if cp.parkAfter > 0 && ended.Load() == 0 && !closed.Load() &&
 					idleFor(client) >= cp.parkAfter && idleFor(upstream) >= cp.parkAfter &&
-					park.CompareAndSwap(false, true) {
+					park.CompareAndSwap(parkNone, parkAsked) {
 					// The read deadline stops the other direction at
-					// its next read, never inside a transfer.
+					// its next read, never inside a transfer. It may
+					// be blocked writing to a peer that does not read:
+					// then this one must go on reading (that peer may
+					// wait for it) and checking idleness.
 					dst.SetReadDeadline(time.Now())
+					t := time.NewTimer(parkWait)
+					select {
+					case <-stopped:
+					case <-t.C:
+					}
+					t.Stop()
+					if park.CompareAndSwap(parkAsked, parkNone) {
+						continue // not stopped: its deadline passes as a tick
+					}
 					src.SetReadDeadline(time.Time{})
 					return
 				}
@@ -255,7 +281,7 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 	if first != nil && isBenignClose(first) {
 		first = nil
 	}
-	if first == nil && park.Load() {
+	if first == nil && !closed.Load() && park.Load() == parkStopped {
 		if ended.Load() != 0 {
 			// One side ended while the other stopped: nothing to hand
 			// over cleanly; go on here.
