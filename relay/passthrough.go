@@ -104,10 +104,14 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 				cp.parkAfter = parkAfter
 			}
 			// Past the drain timeout, detached connections are closed
-			// through hardCtx.
-			stop := context.AfterFunc(s.hardCtx, func() { client.Close(); upConn.Close() })
-			up, down, err := cp.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
-			if stop() && errors.Is(err, errParked) {
+			// through hardCtx; cut says that happened.
+			copyPair := func(cp spliceCopier) (up, down int64, err error, cut bool) {
+				stop := context.AfterFunc(s.hardCtx, func() { client.Close(); upConn.Close() })
+				up, down, err = cp.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
+				return up, down, err, !stop()
+			}
+			up, down, err, cut := copyPair(cp)
+			if !cut && errors.Is(err, errParked) {
 				err = eng.splice(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes, func(u, d int64, err error) {
 					ended(up+u, down+d, err, false)
 					s.release(client)
@@ -116,9 +120,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 					return
 				}
 				s.log.Debug("splice engine refused the connection; copying with goroutines", "client", clientAddr, "err", err)
-				stop = context.AfterFunc(s.hardCtx, func() { client.Close(); upConn.Close() })
-				u, d, perr := spliceCopier{}.pipe(client, upConn, lim.IdleTimeout.D(), upBytes, downBytes)
-				stop()
+				u, d, perr, _ := copyPair(spliceCopier{})
 				up, down, err = up+u, down+d, perr
 			}
 			if errors.Is(err, errParked) { // closed by the drain timeout meanwhile
@@ -213,14 +215,20 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 	isIdle := func() bool {
 		return idleFor(client) >= idle && idleFor(upstream) >= idle
 	}
+	// stopIfAsked confirms a parking request from the other direction.
+	stopIfAsked := func(src *net.TCPConn) bool {
+		if !park.CompareAndSwap(parkAsked, parkStopped) {
+			return false
+		}
+		close(stopped)
+		src.SetReadDeadline(time.Time{})
+		return true
+	}
 	dir := func(dst, src *net.TCPConn, total *int64, c adder) {
 		defer wg.Done()
 		for {
 			src.SetReadDeadline(time.Now().Add(tick))
-			// After the deadline: see the request below.
-			if park.CompareAndSwap(parkAsked, parkStopped) {
-				close(stopped)
-				src.SetReadDeadline(time.Time{})
+			if stopIfAsked(src) { // after the deadline: see the request below
 				return
 			}
 			n, err := io.Copy(dst, src)
@@ -234,9 +242,7 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 				dst.CloseWrite()
 				return
 			case errors.Is(err, os.ErrDeadlineExceeded):
-				if park.CompareAndSwap(parkAsked, parkStopped) {
-					close(stopped)
-					src.SetReadDeadline(time.Time{})
+				if stopIfAsked(src) {
 					return
 				}
 				if isIdle() {
