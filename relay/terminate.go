@@ -25,7 +25,8 @@ import (
 type termRoute struct {
 	label   string
 	tlsConf *tls.Config
-	handler http.Handler // http:// or https:// upstream
+	handler http.Handler // http:// or https:// upstream, for h2 clients
+	h1      *h1Proxy     // the same for HTTP/1.x clients; nil: handler serves them
 	tcpAddr string       // tcp:// upstream
 }
 
@@ -81,6 +82,17 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 			tc.RootCAs = pool
 		}
 		transport.TLSClientConfig = tc
+	}
+	if (u.Path == "" || u.Path == "/") && u.RawQuery == "" {
+		h1 := &h1Proxy{s: s, label: label, addr: u.Host}
+		if u.Port() == "" {
+			h1.addr = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
+		}
+		if tc := transport.TLSClientConfig; tc != nil {
+			h1.tlsConf = tc.Clone()
+			h1.tlsConf.ServerName = u.Hostname()
+		}
+		tr.h1 = h1
 	}
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
 	tr.handler = &httputil.ReverseProxy{
@@ -158,6 +170,10 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	// waits for it and closes it at the drain timeout (http.Server.Shutdown
 	// closes only idle ones).
 	cc.release = true
+	if rt.term.h1 != nil && tlsConn.ConnectionState().NegotiatedProtocol != "h2" {
+		go s.serveH1(tlsConn, cc, rt)
+		return true
+	}
 	if !s.term().deliver(tlsConn) {
 		tlsConn.Close()
 	}
@@ -248,13 +264,40 @@ type termServer struct {
 	conns chan net.Conn
 	stop  chan struct{}
 	once  sync.Once
+
+	// HTTP/1.x connections in the relay's own proxy loop.
+	draining atomic.Bool
+	mu       sync.Mutex
+	h1       map[*h1Conn]struct{}
+	h1Gone   chan struct{} // closed when draining and h1 is empty
+}
+
+// addH1 registers a connection of the proxy loop; false while draining.
+func (ts *termServer) addH1(h *h1Conn) bool {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.draining.Load() {
+		return false
+	}
+	ts.h1[h] = struct{}{}
+	return true
+}
+
+func (ts *termServer) removeH1(h *h1Conn) {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	delete(ts.h1, h)
+	if len(ts.h1) == 0 && ts.h1Gone != nil {
+		close(ts.h1Gone)
+		ts.h1Gone = nil
+	}
 }
 
 type routeCtxKey struct{}
 
 func (s *Server) term() *termServer {
 	s.termOnce.Do(func() {
-		ts := &termServer{conns: make(chan net.Conn), stop: make(chan struct{})}
+		ts := &termServer{conns: make(chan net.Conn), stop: make(chan struct{}), h1: make(map[*h1Conn]struct{})}
 		idle := s.state.Load().cfg.Limits.IdleTimeout.D()
 		var protos http.Protocols
 		protos.SetHTTP1(true)
@@ -305,7 +348,30 @@ func (ts *termServer) shutdown(ctx context.Context) {
 		return
 	}
 	ts.once.Do(func() { close(ts.stop) })
+	ts.mu.Lock()
+	ts.draining.Store(true)
+	for h := range ts.h1 {
+		if h.state.CompareAndSwap(h1Idle, h1Closed) {
+			h.cc.Conn.Close() // between requests; the others close after their response
+		}
+	}
+	gone := make(chan struct{})
+	if len(ts.h1) == 0 {
+		close(gone)
+	} else {
+		ts.h1Gone = gone
+	}
+	ts.mu.Unlock()
 	ts.srv.Shutdown(ctx)
+	select {
+	case <-gone:
+	case <-ctx.Done():
+		ts.mu.Lock()
+		for h := range ts.h1 {
+			h.kill()
+		}
+		ts.mu.Unlock()
+	}
 }
 
 type chanListener struct {
