@@ -40,9 +40,10 @@ var (
 	h1Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 )
 
-// h1Proxy is a terminate route's upstream for HTTP/1.x clients, with its
-// pool of idle keep-alive connections.
-type h1Proxy struct {
+// httpProxy is a terminate route's HTTP upstream with its pool of idle
+// keep-alive connections: for HTTP/1.x clients in the proxy loop, and as
+// the http.Handler of h2 streams.
+type httpProxy struct {
 	s       *Server
 	label   string
 	addr    string      // upstream host:port
@@ -90,7 +91,7 @@ func (u *upConn) alive() bool {
 }
 
 // get returns an idle upstream connection, or nil.
-func (p *h1Proxy) get() *upConn {
+func (p *httpProxy) get() *upConn {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for len(p.idle) > 0 {
@@ -105,7 +106,7 @@ func (p *h1Proxy) get() *upConn {
 	return nil
 }
 
-func (p *h1Proxy) put(u *upConn) {
+func (p *httpProxy) put(u *upConn) {
 	u.idleAt = time.Now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -123,7 +124,7 @@ func (p *h1Proxy) put(u *upConn) {
 
 // sweep closes upstream connections idle for upIdleTimeout: one timer per
 // route, not per connection.
-func (p *h1Proxy) sweep() {
+func (p *httpProxy) sweep() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := time.Now()
@@ -139,7 +140,7 @@ func (p *h1Proxy) sweep() {
 	}
 }
 
-func (p *h1Proxy) dial(ctx context.Context) (*upConn, error) {
+func (p *httpProxy) dial(ctx context.Context) (*upConn, error) {
 	c, err := dialer(p.s.state0Limits().DialTimeout.D()).DialContext(ctx, "tcp", p.addr)
 	if err != nil {
 		return nil, err
@@ -165,7 +166,7 @@ func (p *h1Proxy) dial(ctx context.Context) (*upConn, error) {
 type h1Conn struct {
 	s  *Server
 	rt *route
-	p  *h1Proxy
+	p  *httpProxy
 	tc *tls.Conn
 	cc *termConn
 
@@ -173,7 +174,7 @@ type h1Conn struct {
 	first   [1]byte       // the byte that ended the idle wait
 	pending bool          // first not yet handed to br
 	limit   int64         // bytes left for a request head; < 0: no limit
-	body    h1Body
+	body    clientBody
 
 	state atomic.Int32           // h1Active, h1Idle, h1Closed
 	up    atomic.Pointer[upConn] // upstream in use: a hard drain closes it
@@ -220,7 +221,7 @@ func (h *h1Conn) kill() {
 func (s *Server) serveH1(tc *tls.Conn, cc *termConn, rt *route) {
 	defer tc.Close()
 	ts := s.term()
-	h := &h1Conn{s: s, rt: rt, p: rt.term.h1, tc: tc, cc: cc, limit: -1}
+	h := &h1Conn{s: s, rt: rt, p: rt.term.proxy, tc: tc, cc: cc, limit: -1}
 	if !ts.addH1(h) {
 		return
 	}
@@ -296,7 +297,7 @@ func (h *h1Conn) serve() bool {
 		h.reply(http.StatusMethodNotAllowed, "CONNECT is not proxied")
 		return false
 	}
-	h.body = h1Body{r: req.Body, h: h}
+	h.body = clientBody{r: req.Body, h: h}
 	if e := req.Header.Get("Expect"); e != "" {
 		if !strings.EqualFold(e, "100-continue") {
 			h.reply(http.StatusExpectationFailed, "unsupported Expect")
@@ -311,9 +312,9 @@ func (h *h1Conn) serve() bool {
 		req.Body = &h.body
 	}
 	closeAfter := req.Close // Connection: close, or HTTP/1.0 without keep-alive
-	upgrade := prepareRequest(req, h.cc.RemoteAddr())
+	upgrade := prepareRequest(req, h.cc.RemoteAddr().String())
 
-	resp, u, err := h.roundTrip(req)
+	resp, u, err := h.p.roundTrip(h.s.hardCtx, req, h)
 	if err != nil {
 		if h.body.err != nil { // the client, not the upstream, failed
 			return false
@@ -326,21 +327,30 @@ func (h *h1Conn) serve() bool {
 	return h.respond(req, resp, u, upgrade, closeAfter)
 }
 
+// upClient is the client side of a round trip: an HTTP/1.x connection or
+// an h2 stream.
+type upClient interface {
+	// using records the upstream connection in use (nil: none); false
+	// when the client is gone, so that the connection is not used.
+	using(u *upConn) bool
+	interim(resp *http.Response) error // a 1xx answer (103 Early Hints)
+	bodyFailed() bool                  // reading the client's request body failed
+}
+
 // roundTrip sends req on an idle upstream connection or a new one. A
 // request without a body is sent again on a new connection when a reused
 // one fails before answering (the upstream closed it while idle).
-func (h *h1Conn) roundTrip(req *http.Request) (*http.Response, *upConn, error) {
+func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient) (*http.Response, *upConn, error) {
 	for retry := req.Body == http.NoBody; ; retry = false {
-		u := h.p.get()
+		u := p.get()
 		reused := u != nil
 		if !reused {
 			var err error
-			if u, err = h.p.dial(h.s.hardCtx); err != nil {
+			if u, err = p.dial(ctx); err != nil {
 				return nil, nil, err
 			}
 		}
-		h.up.Store(u)
-		if h.state.Load() == h1Closed { // killed while dialling
+		if !c.using(u) {
 			u.c.Close()
 			return nil, nil, net.ErrClosed
 		}
@@ -355,20 +365,27 @@ func (h *h1Conn) roundTrip(req *http.Request) (*http.Response, *upConn, error) {
 		}
 		// 1xx other than 101 are interim: passed on, the answer follows.
 		for err == nil && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
-			if err = h.writeInterim(resp); err == nil {
+			if err = c.interim(resp); err == nil {
 				resp, err = http.ReadResponse(u.br, req)
 			}
 		}
 		if err == nil {
 			return resp, u, nil
 		}
-		h.up.Store(nil)
+		c.using(nil)
 		u.c.Close()
-		if !(retry && reused && u.n == 0) || h.body.err != nil {
+		if !(retry && reused && u.n == 0) || c.bodyFailed() {
 			return nil, nil, err
 		}
 	}
 }
+
+func (h *h1Conn) using(u *upConn) bool {
+	h.up.Store(u)
+	return h.state.Load() != h1Closed // killed while dialling
+}
+
+func (h *h1Conn) bodyFailed() bool { return h.body.err != nil }
 
 // respond streams resp to the client and puts the upstream connection
 // back when it can carry another request.
@@ -453,8 +470,9 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 				}
 				// Flush when the next read would wait on the upstream:
 				// streams (server-sent events, long polls) reach the
-				// client as they come, bulk goes out in full buffers.
-				if werr == nil && u.br.Buffered() == 0 {
+				// client as they come, bulk goes out in full buffers,
+				// and the end goes out with the last flush.
+				if werr == nil && rerr == nil && u.br.Buffered() == 0 {
 					werr = bw.Flush()
 				}
 			}
@@ -490,8 +508,8 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 	return keep && upOK && werr == nil
 }
 
-// writeInterim passes a 1xx response (103 Early Hints) to the client.
-func (h *h1Conn) writeInterim(resp *http.Response) error {
+// interim passes a 1xx response (103 Early Hints) to the client.
+func (h *h1Conn) interim(resp *http.Response) error {
 	removeHopByHop(resp.Header)
 	bw := h1Writers.Get().(*bufio.Writer)
 	bw.Reset(h.tc)
@@ -546,17 +564,17 @@ func (h *h1Conn) reply(code int, msg string) bool {
 	return keep && err == nil
 }
 
-// h1Body is a request body read from the client: it sends 100 Continue
-// on the first read when the client waits for one, and keeps the client's
-// read error apart from the upstream's.
-type h1Body struct {
+// clientBody is a request body read from the client: it sends 100
+// Continue on the first read when an HTTP/1.1 client waits for one, and
+// keeps the client's read error apart from the upstream's.
+type clientBody struct {
 	r      io.ReadCloser
 	h      *h1Conn
 	expect bool
 	err    error
 }
 
-func (b *h1Body) Read(p []byte) (int, error) {
+func (b *clientBody) Read(p []byte) (int, error) {
 	if b.expect {
 		b.expect = false
 		if _, err := io.WriteString(b.h.tc, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
@@ -571,7 +589,7 @@ func (b *h1Body) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (b *h1Body) Close() error { return b.r.Close() }
+func (b *clientBody) Close() error { return b.r.Close() }
 
 // hopHeaders are connection-specific (RFC 9110 7.6.1): never forwarded.
 var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
@@ -595,7 +613,7 @@ func removeHopByHop(h http.Header) {
 // clients: hop-by-hop headers dropped (an upgrade is asked for again),
 // the client's Host kept, X-Forwarded-* replaced by the relay's. It
 // returns the protocol the client asks to upgrade to, if any.
-func prepareRequest(req *http.Request, client net.Addr) (upgrade string) {
+func prepareRequest(req *http.Request, client string) (upgrade string) {
 	hdr := req.Header
 	if tokenIn(hdr["Connection"], "upgrade") {
 		upgrade = hdr.Get("Upgrade")
@@ -612,7 +630,7 @@ func prepareRequest(req *http.Request, client net.Addr) (upgrade string) {
 	for _, k := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
 		delete(hdr, k)
 	}
-	if ip, _, err := net.SplitHostPort(client.String()); err == nil {
+	if ip, _, err := net.SplitHostPort(client); err == nil {
 		hdr["X-Forwarded-For"] = []string{ip}
 	}
 	hdr["X-Forwarded-Host"] = []string{req.Host}
@@ -633,4 +651,104 @@ func tokenIn(values []string, token string) bool {
 		}
 	}
 	return false
+}
+
+// h2Stream is an h2 request in flight, as an upClient.
+type h2Stream struct {
+	ctx  context.Context
+	w    http.ResponseWriter
+	body clientBody
+}
+
+func (x *h2Stream) using(u *upConn) bool { return u == nil || x.ctx.Err() == nil }
+func (x *h2Stream) bodyFailed() bool     { return x.body.err != nil }
+func (x *h2Stream) interim(r *http.Response) error {
+	copyHeader(x.w.Header(), r.Header)
+	x.w.WriteHeader(r.StatusCode)
+	return nil
+}
+
+// ServeHTTP proxies an h2 stream over the pool's HTTP/1.1 connections:
+// one synchronous round trip on the stream's goroutine (net/http's
+// Transport took a writer and a reader goroutine hand-off per request).
+func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	x := &h2Stream{ctx: r.Context(), w: w, body: clientBody{r: r.Body}}
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = &x.body
+	} else {
+		r.Body = http.NoBody
+	}
+	r.Header.Del("Expect") // the h2 server answers 100-continue itself
+	prepareRequest(r, r.RemoteAddr)
+	delete(r.Header, "Connection")
+	delete(r.Header, "Upgrade") // no upgrades over h2
+	resp, u, err := p.roundTrip(x.ctx, r, x)
+	if err != nil {
+		if x.body.err != nil || x.ctx.Err() != nil { // the client, not the upstream, failed
+			panic(http.ErrAbortHandler)
+		}
+		p.s.m.upstreamErrors.WithLabelValues(p.label, dialErrorReason(err)).Inc()
+		p.s.log.Warn("upstream request", "route", p.label, "upstream", p.addr, "err", err)
+		w.WriteHeader(http.StatusBadGateway)
+		return
+	}
+	// A stream the client resets must not hold the upstream.
+	stop := context.AfterFunc(x.ctx, func() { u.c.Close() })
+	removeHopByHop(resp.Header)
+	h := w.Header()
+	copyHeader(h, resp.Header)
+	if len(resp.Trailer) > 0 {
+		names := make([]string, 0, len(resp.Trailer))
+		for k := range resp.Trailer {
+			names = append(names, k)
+		}
+		h["Trailer"] = []string{strings.Join(names, ", ")}
+	}
+	w.WriteHeader(resp.StatusCode)
+	rc := http.NewResponseController(w)
+	var werr error
+	if u.br.Buffered() == 0 {
+		werr = rc.Flush() // the head now: the body may be slow to come
+	}
+	upOK := true
+	if werr == nil {
+		buf := proxyBuffers.Get()
+		for {
+			n, rerr := resp.Body.Read(buf)
+			if n > 0 {
+				// As in respond: the end is sent when the handler returns.
+				if _, werr = w.Write(buf[:n]); werr == nil && rerr == nil && u.br.Buffered() == 0 {
+					werr = rc.Flush()
+				}
+			}
+			if rerr != nil {
+				upOK = rerr == io.EOF
+				break
+			}
+			if werr != nil {
+				break
+			}
+		}
+		proxyBuffers.Put(buf)
+	}
+	for k, vv := range resp.Trailer {
+		h[k] = vv
+	}
+	resp.Body.Close()
+	if stop() && upOK && werr == nil && !resp.Close {
+		p.put(u)
+	} else {
+		u.c.Close()
+	}
+	if !upOK {
+		p.s.m.upstreamErrors.WithLabelValues(p.label, "http").Inc()
+		p.s.log.Warn("upstream response cut", "route", p.label, "upstream", p.addr)
+		panic(http.ErrAbortHandler) // the client sees a reset stream, not a short body
+	}
+}
+
+func copyHeader(dst, src http.Header) {
+	for k, vv := range src {
+		dst[k] = vv
+	}
 }

@@ -2,6 +2,8 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
@@ -304,5 +306,90 @@ func TestH1HTTPSUpstream(t *testing.T) {
 		if resp, body := readResp(t, br, "GET"); resp.StatusCode != 200 || body != "https" {
 			t.Fatalf("https upstream: %d %q", resp.StatusCode, body)
 		}
+	}
+}
+
+// TestH2Streams: h2 streams go through the same upstream pool: a body
+// uploaded without length, a streamed response with its trailer, and a
+// stream the client resets closes its upstream request.
+func TestH2Streams(t *testing.T) {
+	next, gone := make(chan struct{}), make(chan struct{})
+	var nextOnce sync.Once
+	goOn := func() { nextOnce.Do(func() { close(next) }) }
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/upload":
+			h := sha256.New()
+			n, _ := io.Copy(h, r.Body)
+			fmt.Fprintf(w, "%d %x", n, h.Sum(nil))
+		case "/stream":
+			w.Header().Set("Trailer", "X-Sum")
+			io.WriteString(w, "first")
+			w.(http.Flusher).Flush()
+			<-next
+			io.WriteString(w, "second")
+			w.Header().Set("X-Sum", "42")
+		case "/hang":
+			w.WriteHeader(200)
+			w.(http.Flusher).Flush()
+			<-r.Context().Done() // the relay closed the upstream connection
+			close(gone)
+		}
+	}))
+	defer up.Close()
+	defer goOn()
+	r, _ := h1Relay(t, up.URL)
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: r.ca.pool},
+		ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return dialer(5*time.Second).DialContext(ctx, "tcp", r.HTTPSAddr().String())
+		},
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+
+	data := make([]byte, 1<<20+7)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	resp, err := client.Post("https://h1.test/upload", "application/octet-stream", io.MultiReader(bytes.NewReader(data))) // no length
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	sum := sha256.Sum256(data)
+	if resp.ProtoMajor != 2 || string(b) != fmt.Sprintf("%d %s", len(data), hex.EncodeToString(sum[:])) {
+		t.Fatalf("upload over %s arrived as %q", resp.Proto, b)
+	}
+
+	resp, err = client.Get("https://h1.test/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
+		t.Fatalf("streamed part before the upstream goes on: %q %v", first, err)
+	}
+	goOn()
+	rest, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(rest) != "second" || resp.Trailer.Get("X-Sum") != "42" {
+		t.Fatalf("rest %q, trailer %v", rest, resp.Trailer)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "GET", "https://h1.test/hang", nil)
+	resp, err = client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel() // resets the stream
+	resp.Body.Close()
+	select {
+	case <-gone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("upstream request still open after the client reset its stream")
 	}
 }

@@ -26,7 +26,7 @@ type termRoute struct {
 	label   string
 	tlsConf *tls.Config
 	handler http.Handler // http:// or https:// upstream, for h2 clients
-	h1      *h1Proxy     // the same for HTTP/1.x clients; nil: handler serves them
+	proxy   *httpProxy   // the upstream with the relay's own proxy; nil: handler serves all
 	tcpAddr string       // tcp:// upstream
 }
 
@@ -84,16 +84,20 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		transport.TLSClientConfig = tc
 	}
 	if (u.Path == "" || u.Path == "/") && u.RawQuery == "" {
-		h1 := &h1Proxy{s: s, label: label, addr: u.Host}
+		p := &httpProxy{s: s, label: label, addr: u.Host}
 		if u.Port() == "" {
-			h1.addr = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
+			p.addr = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
 		}
 		if tc := transport.TLSClientConfig; tc != nil {
-			h1.tlsConf = tc.Clone()
-			h1.tlsConf.ServerName = u.Hostname()
+			p.tlsConf = tc.Clone()
+			p.tlsConf.ServerName = u.Hostname()
 		}
-		tr.h1 = h1
+		tr.proxy = p
+		tr.handler = p // h2 streams
+		return tr, nil
 	}
+	// An upstream URL with a path or query: httputil.ReverseProxy joins
+	// it with the request's.
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
 	tr.handler = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -170,7 +174,7 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	// waits for it and closes it at the drain timeout (http.Server.Shutdown
 	// closes only idle ones).
 	cc.release = true
-	if rt.term.h1 != nil && tlsConn.ConnectionState().NegotiatedProtocol != "h2" {
+	if rt.term.proxy != nil && tlsConn.ConnectionState().NegotiatedProtocol != "h2" {
 		go s.serveH1(tlsConn, cc, rt)
 		return true
 	}
