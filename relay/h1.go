@@ -278,29 +278,29 @@ func (h *h1Conn) serve() bool {
 		var ne net.Error
 		switch {
 		case errors.Is(err, errHeaderTooLarge):
-			h.reply(http.StatusRequestHeaderFieldsTooLarge, "request header too large")
+			h.reply(http.StatusRequestHeaderFieldsTooLarge, "request header too large", false)
 		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &ne):
 			// The client left or stalled mid-request: nobody to answer.
 		default:
-			h.reply(http.StatusBadRequest, err.Error())
+			h.reply(http.StatusBadRequest, err.Error(), false)
 		}
 		return false
 	}
 	switch {
 	case req.ProtoMajor != 1:
-		h.reply(http.StatusHTTPVersionNotSupported, "unsupported protocol version")
+		h.reply(http.StatusHTTPVersionNotSupported, "unsupported protocol version", false)
 		return false
 	case req.Host == "" && req.ProtoAtLeast(1, 1):
-		h.reply(http.StatusBadRequest, "missing required Host header")
+		h.reply(http.StatusBadRequest, "missing required Host header", false)
 		return false
 	case req.Method == http.MethodConnect:
-		h.reply(http.StatusMethodNotAllowed, "CONNECT is not proxied")
+		h.reply(http.StatusMethodNotAllowed, "CONNECT is not proxied", false)
 		return false
 	}
 	h.body = clientBody{r: req.Body, h: h}
 	if e := req.Header.Get("Expect"); e != "" {
 		if !strings.EqualFold(e, "100-continue") {
-			h.reply(http.StatusExpectationFailed, "unsupported Expect")
+			h.reply(http.StatusExpectationFailed, "unsupported Expect", false)
 			return false
 		}
 		// Answered here, when the body is first read (as net/http's
@@ -322,7 +322,7 @@ func (h *h1Conn) serve() bool {
 		h.s.m.upstreamErrors.WithLabelValues(h.p.label, dialErrorReason(err)).Inc()
 		h.s.log.Warn("upstream request", "route", h.p.label, "upstream", h.p.addr, "err", err)
 		// A body the upstream did not take is still on the connection.
-		return h.reply(http.StatusBadGateway, "") && req.Body == http.NoBody
+		return h.reply(http.StatusBadGateway, "", req.Body == http.NoBody && !closeAfter)
 	}
 	return h.respond(req, resp, u, upgrade, closeAfter)
 }
@@ -397,7 +397,7 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 			h.s.m.upstreamErrors.WithLabelValues(h.p.label, "http").Inc()
 			h.s.log.Warn("upstream request", "route", h.p.label, "upstream", h.p.addr,
 				"err", fmt.Errorf("switched to protocol %q, asked for %q", resp.Header.Get("Upgrade"), upgrade))
-			h.reply(http.StatusBadGateway, "")
+			h.reply(http.StatusBadGateway, "", false)
 			return false
 		}
 		h.tunnel(resp, u)
@@ -547,12 +547,13 @@ func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 	<-done
 }
 
-// reply answers with a short error; true when the connection may go on.
-func (h *h1Conn) reply(code int, msg string) bool {
+// reply answers with a short error; true when the connection goes on
+// (keep, and the relay is not draining).
+func (h *h1Conn) reply(code int, msg string, keep bool) bool {
 	bw := h1Writers.Get().(*bufio.Writer)
 	bw.Reset(h.tc)
 	fmt.Fprintf(bw, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", code, http.StatusText(code), len(msg))
-	keep := code == http.StatusBadGateway && !h.s.term().draining.Load()
+	keep = keep && !h.s.term().draining.Load()
 	if !keep {
 		bw.WriteString("Connection: close\r\n")
 	}
