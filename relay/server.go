@@ -58,6 +58,7 @@ type Server struct {
 	state    atomic.Pointer[state]
 	isLocal  func(netip.Addr) bool
 	splicer  Splicer
+	trim     *trimmer
 	engOnce  sync.Once
 	eng      *engine // nil: unavailable, passthrough copies with goroutines
 	health   healthRegistry
@@ -93,6 +94,7 @@ func New(opts Options) (*Server, error) {
 		reg:     opts.Registry,
 		isLocal: opts.IsLocal,
 		splicer: opts.Splicer,
+		trim:    newTrimmer(),
 		tracked: map[net.Conn]connState{},
 	}
 	s.hardCtx, s.hardCancel = context.WithCancel(context.Background())
@@ -377,6 +379,7 @@ func (s *Server) admit(c net.Conn) bool {
 	s.tracked[c] = connHello
 	s.conns.Add(1)
 	s.mu.Unlock()
+	s.trim.conn()
 	return true
 }
 
