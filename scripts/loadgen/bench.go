@@ -71,6 +71,10 @@ type PathResult struct {
 	IdleRSSKB     int64   `json:"idle_rss_kb,omitempty"`
 	LoadedRSSKB   int64   `json:"rss_with_idle_conns_kb,omitempty"`
 	KBPerIdleConn float64 `json:"kb_per_idle_conn,omitempty"`
+	// The same 0.5 s after the last connection opened, before the proxy
+	// settled (the relay parks quiet connections after 1 s and returns
+	// the memory a burst freed once new connections stop for 2 s).
+	KBPerIdleConnAtOpen float64 `json:"kb_per_idle_conn_at_open,omitempty"`
 	// Anonymous (private) memory only, without the binary's and
 	// libraries' file pages.
 	IdleAnonKB   int64 `json:"idle_rss_anon_kb,omitempty"`
@@ -383,6 +387,8 @@ func (o benchOpts) runPath(s pathSpec, r *PathResult, upTLS, upHTTP, upHTTPS, up
 			r.GoIdle = goRuntime(d.Metrics)
 		}
 		err = o.holdIdle(p, addr, sni, s.kind == "terminate", func() {
+			r.KBPerIdleConnAtOpen = float64(p.rssKB()-r.IdleRSSKB) / float64(o.idle)
+		}, func() {
 			r.LoadedRSSKB, r.LoadedAnonKB = p.rssKB(), p.status("RssAnon:")
 			if s.proxy == "relay" {
 				r.GoLoaded = goRuntime(d.Metrics)
@@ -496,7 +502,7 @@ func waitReady(p *proc, addr, sni, kind string) error {
 
 // holdIdle opens o.idle established TLS connections through the proxy in
 // a helper process and calls sample while they are held.
-func (o benchOpts) holdIdle(p *proc, addr, sni string, httpMode bool, sample func()) error {
+func (o benchOpts) holdIdle(p *proc, addr, sni string, httpMode bool, atOpen, settled func()) error {
 	args := []string{o.self, "idle", "-addr", addr, "-sni", sni, "-n", strconv.Itoa(o.idle)}
 	if httpMode {
 		args = append(args, "-http")
@@ -517,7 +523,11 @@ func (o benchOpts) holdIdle(p *proc, addr, sni string, httpMode bool, sample fun
 		return fmt.Errorf("idle connections through %s: timeout", p.name)
 	}
 	time.Sleep(500 * time.Millisecond)
-	sample()
+	atOpen()
+	if !o.quick {
+		time.Sleep(5 * time.Second)
+	}
+	settled()
 	return nil
 }
 
