@@ -31,6 +31,7 @@ const (
 	h1HeaderTimeout  = 30 * time.Second
 	upIdleTimeout    = 90 * time.Second
 	upMaxIdle        = 256 // idle upstream connections kept per route
+	upFresh          = 100 * time.Millisecond
 )
 
 var errHeaderTooLarge = errors.New("request header too large")
@@ -98,7 +99,11 @@ func (p *httpProxy) get() *upConn {
 		u := p.idle[len(p.idle)-1]
 		p.idle[len(p.idle)-1] = nil
 		p.idle = p.idle[:len(p.idle)-1]
-		if time.Since(u.idleAt) < upIdleTimeout && u.alive() {
+		// A connection back in the pool for under upFresh is taken
+		// without a look: the check is a syscall per request under load,
+		// and upstreams close idle connections after seconds, not
+		// milliseconds (a bodiless request is retried if one did).
+		if idle := time.Since(u.idleAt); idle < upFresh || idle < upIdleTimeout && u.alive() {
 			return u
 		}
 		u.c.Close()
