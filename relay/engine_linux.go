@@ -31,9 +31,10 @@ type engine struct {
 	shut     atomic.Bool
 	loopDone chan struct{}
 
-	mu    sync.Mutex
-	socks map[int32]*engineSock
-	pairs map[*enginePair]time.Time // next idle check
+	mu      sync.Mutex
+	socks   map[int32]*engineSock
+	pairs   map[*enginePair]time.Time // next idle check
+	watches map[*engineWatch]struct{} // armed
 
 	pmu   sync.Mutex
 	pipes []*splicePipe // empty pipes kept for reuse
@@ -44,8 +45,68 @@ type engine struct {
 }
 
 // engineSock is one watched socket: the direction it feeds and the one it
-// drains.
-type engineSock struct{ src, dst *engineDir }
+// drains, or a parked connection waiting for its next bytes.
+type engineSock struct {
+	src, dst *engineDir
+	w        *engineWatch
+}
+
+// engineWatch is a connection parked without a goroutine (an idle
+// keep-alive TLS connection) until its socket is readable.
+type engineWatch struct {
+	fd       int
+	deadline time.Time // zero: none
+	wr       watcher
+	sock     *engineSock // in socks while the connection lives
+}
+
+// watcher is the parked connection.
+type watcher interface {
+	// parked reports whether the connection still wants the wake-up
+	// (it was not closed meanwhile).
+	parked() bool
+	// ready is called once per watch, from the engine's loop: the
+	// socket is readable (or the peer closed it), or timedOut when
+	// the deadline passed first. It must not block.
+	ready(timedOut bool)
+}
+
+// watch arms w for one wake-up. The socket stays in the epoll set between
+// watches (re-armed, one syscall); unwatch must run before it is closed.
+func (e *engine) watch(w *engineWatch) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.shut.Load() || e.ctx.Err() != nil {
+		return net.ErrClosed
+	}
+	if !w.wr.parked() { // closed meanwhile: its closer has unwatched it
+		return errNotParked
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(w.fd)}
+	op := unix.EPOLL_CTL_MOD
+	if w.sock == nil {
+		op = unix.EPOLL_CTL_ADD
+	}
+	if err := unix.EpollCtl(e.epfd, op, w.fd, &ev); err != nil {
+		return fmt.Errorf("epoll: %w", err)
+	}
+	if w.sock == nil {
+		w.sock = &engineSock{w: w}
+		e.socks[int32(w.fd)] = w.sock
+	}
+	e.watches[w] = struct{}{}
+	return nil
+}
+
+// unwatch forgets w; its socket leaves the epoll set when it is closed.
+func (e *engine) unwatch(w *engineWatch) {
+	e.mu.Lock()
+	if w.sock != nil && e.socks[int32(w.fd)] == w.sock {
+		delete(e.socks, int32(w.fd))
+	}
+	delete(e.watches, w)
+	e.mu.Unlock()
+}
 
 // newEngine starts an engine whose pairs all end when ctx is done (one
 // registration for all: ~200 bytes less per connection than one each).
@@ -60,7 +121,7 @@ func newEngine(ctx context.Context) (*engine, error) {
 		return nil, fmt.Errorf("epoll: %w", err)
 	}
 	e := &engine{epfd: epfd, ep: os.NewFile(uintptr(epfd), "relay-epoll"), loopDone: make(chan struct{}),
-		socks: map[int32]*engineSock{}, pairs: map[*enginePair]time.Time{}}
+		socks: map[int32]*engineSock{}, pairs: map[*enginePair]time.Time{}, watches: map[*engineWatch]struct{}{}}
 	if err := e.ep.SetReadDeadline(time.Time{}); err != nil {
 		e.ep.Close()
 		return nil, fmt.Errorf("epoll set not pollable: %w", err)
@@ -170,6 +231,8 @@ func (e *engine) loop() {
 		swept  time.Time
 		run    []*engineDir
 		idle   []*enginePair
+		woken  []*engineWatch
+		late   []*engineWatch
 	)
 	// One epoll_wait per wake-up: the callback handles what it finds and
 	// asks to be called again when the set is next readable (the runtime
@@ -192,6 +255,13 @@ func (e *engine) loop() {
 			if s == nil {
 				continue
 			}
+			if s.w != nil {
+				if _, armed := e.watches[s.w]; armed {
+					delete(e.watches, s.w)
+					woken = append(woken, s.w)
+				}
+				continue
+			}
 			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 				run = append(run, s.src)
 			}
@@ -209,8 +279,20 @@ func (e *engine) loop() {
 					idle = append(idle, p)
 				}
 			}
+			for w := range e.watches {
+				if !w.deadline.IsZero() && now.After(w.deadline) {
+					delete(e.watches, w)
+					late = append(late, w)
+				}
+			}
 		}
 		e.mu.Unlock()
+		for _, w := range woken {
+			w.wr.ready(false)
+		}
+		for _, w := range late {
+			w.wr.ready(true)
+		}
 		for _, d := range run {
 			d.runHere()
 		}
@@ -221,7 +303,9 @@ func (e *engine) loop() {
 		}
 		clear(run)
 		clear(idle)
-		run, idle = run[:0], idle[:0]
+		clear(woken)
+		clear(late)
+		run, idle, woken, late = run[:0], idle[:0], woken[:0], late[:0]
 		return n == len(events) // a full batch: more may wait
 	}
 	for {

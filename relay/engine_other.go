@@ -17,6 +17,20 @@ func newEngine(context.Context) (*engine, error) { return nil, errors.ErrUnsuppo
 
 func (e *engine) close() {}
 
+type engineWatch struct {
+	fd       int
+	deadline time.Time
+	wr       watcher
+}
+
+type watcher interface {
+	parked() bool
+	ready(timedOut bool)
+}
+
+func (e *engine) watch(*engineWatch) error { return errors.ErrUnsupported }
+func (e *engine) unwatch(*engineWatch)     {}
+
 func (e *engine) splice(*net.TCPConn, *net.TCPConn, time.Duration, adder, adder, func(up, down int64, err error)) error {
 	return errors.ErrUnsupported
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/textproto"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,7 +35,10 @@ const (
 	upFresh          = 100 * time.Millisecond
 )
 
-var errHeaderTooLarge = errors.New("request header too large")
+var (
+	errHeaderTooLarge = errors.New("request header too large")
+	errNotParked      = errors.New("connection no longer parked")
+)
 
 var (
 	h1Readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4<<10) }}
@@ -181,13 +185,15 @@ type h1Conn struct {
 	limit   int64         // bytes left for a request head; < 0: no limit
 	body    clientBody
 
-	state atomic.Int32           // h1Active, h1Idle, h1Closed
+	state atomic.Int32           // h1Active, h1Idle, h1Parked, h1Closed
 	up    atomic.Pointer[upConn] // upstream in use: a hard drain closes it
+	ew    engineWatch            // while parked
 }
 
 const (
-	h1Active int32 = iota
-	h1Idle
+	h1Active int32 = iota // serving a request
+	h1Idle                // its goroutine waits for the next request
+	h1Parked              // no goroutine: the engine watches the socket
 	h1Closed
 )
 
@@ -214,7 +220,10 @@ func (h *h1Conn) Read(p []byte) (int, error) {
 // kill closes the client connection and the upstream one in use (drain
 // timeout).
 func (h *h1Conn) kill() {
-	h.state.Store(h1Closed)
+	if h.state.Swap(h1Closed) == h1Parked {
+		go h.end() // no goroutine of its own to do it
+		return
+	}
 	h.cc.Conn.Close()
 	if u := h.up.Load(); u != nil {
 		u.c.Close()
@@ -224,27 +233,64 @@ func (h *h1Conn) kill() {
 // serveH1 runs the proxy loop on a handshaken client connection until the
 // client or the relay ends it.
 func (s *Server) serveH1(tc *tls.Conn, cc *termConn, rt *route) {
-	defer tc.Close()
-	ts := s.term()
 	h := &h1Conn{s: s, rt: rt, p: rt.term.proxy, tc: tc, cc: cc, limit: -1}
-	if !ts.addH1(h) {
+	if !s.term().addH1(h) {
+		tc.Close()
 		return
 	}
-	defer ts.removeH1(h)
-	for h.next() && h.serve() {
+	h.run(true)
+}
+
+// run serves requests, waiting for each first when wait is set, until the
+// connection ends or parks.
+func (h *h1Conn) run(wait bool) {
+	for {
+		if wait {
+			switch h.next() {
+			case nextEnd:
+				h.end()
+				return
+			case nextParked: // h belongs to the engine's wake-up now
+				return
+			}
+		}
+		wait = true
+		if !h.serve() {
+			h.end()
+			return
+		}
 	}
+}
+
+// end releases the connection (once, by whoever ends it).
+func (h *h1Conn) end() {
 	if h.br != nil {
 		h.br.Reset(nil)
 		h1Readers.Put(h.br)
 		h.br = nil
 	}
+	if h.ew.wr != nil {
+		h.s.engine().unwatch(&h.ew) // before the close: the descriptor may be reused
+	}
+	h.s.term().removeH1(h)
+	h.tc.Close()
 }
 
+type nextStep int
+
+const (
+	nextServe  nextStep = iota // a request is coming
+	nextEnd                    // the connection is done: end it
+	nextParked                 // parked in the engine (or closed by another): hands off
+)
+
 // next waits for the next request. Between requests the connection holds
-// no buffers: its read buffer goes back to the pool.
-func (h *h1Conn) next() bool {
+// no buffers (its read buffer goes back to the pool); quiet for parkAfter
+// it holds no goroutine either: it parks in the splice engine, which
+// starts one when the client sends again.
+func (h *h1Conn) next() nextStep {
 	if h.br != nil && h.br.Buffered() > 0 { // pipelined
-		return true
+		return nextServe
 	}
 	if h.br != nil {
 		h.br.Reset(nil)
@@ -252,24 +298,92 @@ func (h *h1Conn) next() bool {
 		h.br = nil
 	}
 	if !h.state.CompareAndSwap(h1Active, h1Idle) {
-		return false
+		return nextEnd
 	}
 	// Published idle before looking at draining: shutdown either sees
 	// this connection idle and closes it, or it is seen draining here.
 	if h.s.term().draining.Load() {
-		return false
+		return nextEnd
 	}
-	if d := h.s.state0Limits().IdleTimeout.D(); d > 0 {
-		h.tc.SetReadDeadline(time.Now().Add(d))
+	idle := h.s.state0Limits().IdleTimeout.D()
+	var until time.Time // the idle timeout; zero: none
+	if idle > 0 {
+		until = time.Now().Add(idle)
 	}
+	eng := h.s.engine()
+	for {
+		wait := until
+		canPark := eng != nil && (until.IsZero() || time.Until(until) > parkAfter)
+		if canPark {
+			wait = time.Now().Add(parkAfter)
+		}
+		h.tc.SetReadDeadline(wait)
+		n, err := h.tc.Read(h.first[:])
+		if n > 0 && err == nil {
+			if !h.state.CompareAndSwap(h1Idle, h1Active) {
+				return nextEnd
+			}
+			h.pending = true
+			h.br = h1Readers.Get().(*bufio.Reader)
+			h.br.Reset(h)
+			return nextServe
+		}
+		if !canPark || !errors.Is(err, os.ErrDeadlineExceeded) || !h.state.CompareAndSwap(h1Idle, h1Parked) {
+			return nextEnd
+		}
+		h.tc.SetReadDeadline(time.Time{})
+		if h.ew.wr == nil {
+			h.ew = engineWatch{fd: h.fd(), wr: h}
+		}
+		h.ew.deadline = until
+		err = eng.watch(&h.ew)
+		if err == nil || errors.Is(err, errNotParked) {
+			return nextParked
+		}
+		if !h.state.CompareAndSwap(h1Parked, h1Idle) {
+			return nextParked // closed meanwhile by shutdown, which ends it
+		}
+		// The engine is shutting down or failed: wait here.
+		eng = nil
+	}
+}
+
+// fd is the client socket's descriptor, for the engine's epoll set.
+func (h *h1Conn) fd() int {
+	fd := -1
+	if rc, err := h.cc.Conn.(syscall.Conn).SyscallConn(); err == nil {
+		rc.Control(func(f uintptr) { fd = int(f) })
+	}
+	return fd
+}
+
+func (h *h1Conn) parked() bool { return h.state.Load() == h1Parked }
+
+// ready is the engine's wake-up of a parked connection.
+func (h *h1Conn) ready(timedOut bool) {
+	if timedOut {
+		if h.state.CompareAndSwap(h1Parked, h1Closed) {
+			go h.end()
+		}
+		return
+	}
+	if h.state.CompareAndSwap(h1Parked, h1Active) {
+		go h.resume()
+	}
+}
+
+// resume serves a parked connection whose client sent again.
+func (h *h1Conn) resume() {
+	h.tc.SetReadDeadline(time.Now().Add(h1HeaderTimeout))
 	n, err := h.tc.Read(h.first[:])
-	if n == 0 || err != nil || !h.state.CompareAndSwap(h1Idle, h1Active) {
-		return false
+	if n == 0 || err != nil {
+		h.end()
+		return
 	}
 	h.pending = true
 	h.br = h1Readers.Get().(*bufio.Reader)
 	h.br.Reset(h)
-	return true
+	h.run(false)
 }
 
 // serve proxies one request; false ends the connection.

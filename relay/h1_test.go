@@ -393,3 +393,62 @@ func TestH2Streams(t *testing.T) {
 		t.Fatal("upstream request still open after the client reset its stream")
 	}
 }
+
+// parkedH1 counts the proxy loop's connections parked in the engine.
+func parkedH1(r *testRelay) int {
+	ts := r.term()
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	n := 0
+	for h := range ts.h1 {
+		if h.state.Load() == h1Parked {
+			n++
+		}
+	}
+	return n
+}
+
+// TestH1ParksQuietConnection: a keep-alive connection quiet for parkAfter
+// is parked without a goroutine and served again when the client sends;
+// a parked connection is closed by the idle timeout and by a drain.
+func TestH1ParksQuietConnection(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.URL.Path) }))
+	defer up.Close()
+	r, dial := h1Relay(t, up.URL, func(c *config.Config) { c.Limits.IdleTimeout = config.Duration(4 * time.Second) })
+	get := func(c *tls.Conn, br *bufio.Reader, path string) {
+		t.Helper()
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: h1.test\r\n\r\n", path)
+		if resp, body := readResp(t, br, "GET"); resp.StatusCode != 200 || body != path {
+			t.Fatalf("GET %s: %d %q", path, resp.StatusCode, body)
+		}
+	}
+	c1, br1 := dial()
+	c2, br2 := dial()
+	get(c1, br1, "/1")
+	get(c2, br2, "/2")
+	waitFor(t, func() bool { return parkedH1(r) == 2 })
+	get(c1, br1, "/again") // woken by the engine
+	get(c1, br1, "/and-again")
+	waitFor(t, func() bool { return parkedH1(r) == 2 })
+
+	// Nothing more on c2: the idle timeout (4 s) closes it while parked.
+	c2.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := br2.ReadByte(); err != io.EOF {
+		t.Errorf("parked connection past the idle timeout: %v, want EOF", err)
+	}
+	// c1 was used since: still open. A drain closes it at once.
+	get(c1, br1, "/before-drain")
+	waitFor(t, func() bool { return parkedH1(r) == 1 })
+	r.cancel()
+	c1.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := br1.ReadByte(); err != io.EOF {
+		t.Errorf("parked connection not closed by the drain: %v", err)
+	}
+	if err := <-r.done; err != nil && !errors.Is(err, net.ErrClosed) {
+		t.Fatal(err)
+	}
+	r.done <- nil
+	if n := r.active.Load(); n != 0 {
+		t.Errorf("%d connections still counted active after the drain", n)
+	}
+}

@@ -354,9 +354,14 @@ func (ts *termServer) shutdown(ctx context.Context) {
 	ts.once.Do(func() { close(ts.stop) })
 	ts.mu.Lock()
 	ts.draining.Store(true)
+	var parked []*h1Conn
 	for h := range ts.h1 {
+		// Between requests: closed now; the others close after their
+		// response.
 		if h.state.CompareAndSwap(h1Idle, h1Closed) {
-			h.cc.Conn.Close() // between requests; the others close after their response
+			h.cc.Conn.Close() // its goroutine ends it
+		} else if h.state.CompareAndSwap(h1Parked, h1Closed) {
+			parked = append(parked, h)
 		}
 	}
 	gone := make(chan struct{})
@@ -366,6 +371,9 @@ func (ts *termServer) shutdown(ctx context.Context) {
 		ts.h1Gone = gone
 	}
 	ts.mu.Unlock()
+	for _, h := range parked {
+		h.end()
+	}
 	ts.srv.Shutdown(ctx)
 	select {
 	case <-gone:
