@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // HTTP/1.x clients of a terminate route are served by the relay's own
@@ -67,6 +69,7 @@ type upConn struct {
 	bw     *bufio.Writer
 	n      int64 // bytes read since the request was sent: 0 means a retry is safe
 	idleAt time.Time
+	wrote  chan error // a request body being sent; nil when none
 }
 
 func (u *upConn) Read(p []byte) (int, error) {
@@ -107,6 +110,12 @@ func (p *httpProxy) get() *upConn {
 		// without a look: the check is a syscall per request under load,
 		// and upstreams close idle connections after seconds, not
 		// milliseconds (a bodiless request is retried if one did).
+		// Bytes an upstream sent after its response make the
+		// connection unusable whatever its age.
+		if u.br.Buffered() > 0 {
+			u.c.Close()
+			continue
+		}
 		if idle := time.Since(u.idleAt); idle < upFresh || idle < upIdleTimeout && u.alive() {
 			return u
 		}
@@ -185,6 +194,8 @@ type h1Conn struct {
 	limit   int64         // bytes left for a request head; < 0: no limit
 	body    clientBody
 
+	http11 bool // the request being served is HTTP/1.1
+
 	state atomic.Int32           // h1Active, h1Idle, h1Parked, h1Closed
 	up    atomic.Pointer[upConn] // upstream in use: a hard drain closes it
 	ew    engineWatch            // while parked
@@ -226,7 +237,7 @@ func (h *h1Conn) kill() {
 	}
 	h.cc.Conn.Close()
 	if u := h.up.Load(); u != nil {
-		u.c.Close()
+		u.tcp.Close() // not the TLS close: its close_notify may wait on a stuck peer
 	}
 }
 
@@ -328,14 +339,18 @@ func (h *h1Conn) next() nextStep {
 			h.br.Reset(h)
 			return nextServe
 		}
-		if !canPark || !errors.Is(err, os.ErrDeadlineExceeded) || !h.state.CompareAndSwap(h1Idle, h1Parked) {
+		if !canPark || !errors.Is(err, os.ErrDeadlineExceeded) {
 			return nextEnd
 		}
-		h.tc.SetReadDeadline(time.Time{})
+		// Set before the hand-off: from it on, a closer may read it.
 		if h.ew.wr == nil {
 			h.ew = engineWatch{fd: h.fd(), wr: h}
 		}
 		h.ew.deadline = until
+		h.tc.SetReadDeadline(time.Time{})
+		if !h.state.CompareAndSwap(h1Idle, h1Parked) {
+			return nextEnd
+		}
 		err = eng.watch(&h.ew)
 		if err == nil || errors.Is(err, errNotParked) {
 			return nextParked
@@ -412,10 +427,14 @@ func (h *h1Conn) serve() bool {
 	case req.Host == "" && req.ProtoAtLeast(1, 1):
 		h.reply(http.StatusBadRequest, "missing required Host header", false)
 		return false
+	case !httpguts.ValidHostHeader(req.Host):
+		h.reply(http.StatusBadRequest, "malformed Host header", false)
+		return false
 	case req.Method == http.MethodConnect:
 		h.reply(http.StatusMethodNotAllowed, "CONNECT is not proxied", false)
 		return false
 	}
+	h.http11 = req.ProtoAtLeast(1, 1)
 	h.body = clientBody{r: req.Body, h: h}
 	if e := req.Header.Get("Expect"); e != "" {
 		if !strings.EqualFold(e, "100-continue") {
@@ -435,7 +454,7 @@ func (h *h1Conn) serve() bool {
 
 	resp, u, err := h.p.roundTrip(h.s.hardCtx, req, h)
 	if err != nil {
-		if h.body.err != nil { // the client, not the upstream, failed
+		if h.body.err != nil || errors.Is(err, errClientGone) { // the client, not the upstream, failed
 			return false
 		}
 		h.s.m.upstreamErrors.WithLabelValues(h.p.label, dialErrorReason(err)).Inc()
@@ -454,13 +473,29 @@ type upClient interface {
 	using(u *upConn) bool
 	interim(resp *http.Response) error // a 1xx answer (103 Early Hints)
 	bodyFailed() bool                  // reading the client's request body failed
+	gone() bool                        // the client left (while the upstream thinks)
+	abandonBody()                      // the upstream answered without taking the whole body
+}
+
+var errClientGone = errors.New("client went away before the upstream answered")
+
+// idempotent requests may be sent twice (RFC 9110 9.2.2).
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return false
 }
 
 // roundTrip sends req on an idle upstream connection or a new one. A
-// request without a body is sent again on a new connection when a reused
-// one fails before answering (the upstream closed it while idle).
+// bodiless idempotent request is sent again on a new connection when a
+// reused one fails before answering (the upstream closed it while idle).
+// A body is sent by its own goroutine while the answer is awaited, so an
+// upstream may answer before it has read it all (413, 401); endBody
+// settles it after the answer.
 func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient) (*http.Response, *upConn, error) {
-	for retry := req.Body == http.NoBody; ; retry = false {
+	for retry := req.Body == http.NoBody && idempotent(req.Method); ; retry = false {
 		u := p.get()
 		reused := u != nil
 		if !reused {
@@ -474,18 +509,32 @@ func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient
 			return nil, nil, net.ErrClosed
 		}
 		u.n = 0
-		err := req.Write(u.bw)
-		if err == nil {
-			err = u.bw.Flush()
+		var err error
+		if req.Body == http.NoBody {
+			if err = req.Write(u.bw); err == nil {
+				err = u.bw.Flush()
+			}
+		} else {
+			u.wrote = make(chan error, 1)
+			go func() {
+				err := req.Write(u.bw)
+				if err == nil {
+					err = u.bw.Flush()
+				}
+				u.wrote <- err
+			}()
 		}
 		var resp *http.Response
 		if err == nil {
-			resp, err = http.ReadResponse(u.br, req)
+			resp, err = p.readResponse(u, req, c)
 		}
-		// 1xx other than 101 are interim: passed on, the answer follows.
-		for err == nil && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
-			if err = c.interim(resp); err == nil {
-				resp, err = http.ReadResponse(u.br, req)
+		// 1xx other than 101 are interim: passed on, the answer follows
+		// (at most 5, as net/http's Transport).
+		for i := 0; err == nil && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols; i++ {
+			if i == 5 {
+				err = errors.New("too many 1xx informational responses")
+			} else if err = c.interim(resp); err == nil {
+				resp, err = p.readResponse(u, req, c)
 			}
 		}
 		if err == nil {
@@ -493,10 +542,55 @@ func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient
 		}
 		c.using(nil)
 		u.c.Close()
-		if !(retry && reused && u.n == 0) || c.bodyFailed() {
+		endBody(u, c)
+		if !(retry && reused && u.n == 0) || c.bodyFailed() || errors.Is(err, errClientGone) {
 			return nil, nil, err
 		}
 	}
+}
+
+// readResponse waits for the upstream's answer, looking every second
+// whether the client is still there: a long poll whose client left is
+// ended (as net/http's server did with a read in the background), not
+// left holding the upstream.
+func (p *httpProxy) readResponse(u *upConn, req *http.Request, c upClient) (*http.Response, error) {
+	if u.wrote == nil { // while a body goes out, the client's socket is the writer's
+		for {
+			u.c.SetReadDeadline(time.Now().Add(time.Second))
+			_, err := u.br.Peek(1)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil, err
+			}
+			if c.gone() {
+				return nil, errClientGone
+			}
+		}
+		u.c.SetReadDeadline(time.Time{})
+	}
+	return http.ReadResponse(u.br, req)
+}
+
+// endBody waits for the request body's writer; false when the body did
+// not all go out (the upstream answered early or failed): then neither
+// connection can carry another request.
+func endBody(u *upConn, c upClient) bool {
+	if u.wrote == nil {
+		return true
+	}
+	select {
+	case err := <-u.wrote:
+		u.wrote = nil
+		return err == nil
+	default:
+	}
+	u.c.Close() // stops a writer blocked on the upstream
+	c.abandonBody()
+	<-u.wrote
+	u.wrote = nil
+	return false
 }
 
 func (h *h1Conn) using(u *upConn) bool {
@@ -505,6 +599,27 @@ func (h *h1Conn) using(u *upConn) bool {
 }
 
 func (h *h1Conn) bodyFailed() bool { return h.body.err != nil }
+
+// gone looks for a moment whether the client closed: its TLS close (an
+// alert, then EOF) or a reset. A pipelined request it sent meanwhile
+// stays in br.
+func (h *h1Conn) gone() bool {
+	if h.br.Buffered() > 0 {
+		return false
+	}
+	h.tc.SetReadDeadline(time.Now().Add(time.Millisecond))
+	_, err := h.br.Peek(1)
+	h.tc.SetReadDeadline(time.Time{})
+	return err != nil && !errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// abandonBody stops reading an upload the upstream did not take: the
+// client connection will close; until then (half a second) the rest of
+// the body is read and dropped, so that the client sees the answer
+// rather than a reset.
+func (h *h1Conn) abandonBody() {
+	h.cc.Conn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+}
 
 // respond streams resp to the client and puts the upstream connection
 // back when it can carry another request.
@@ -543,6 +658,8 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 	noBody := req.Method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
 	chunked := false
 	switch {
+	case resp.StatusCode == http.StatusNoContent:
+		delete(resp.Header, "Content-Length")
 	case noBody: // the upstream's Content-Length, if any, describes the entity
 	case resp.ContentLength >= 0:
 		resp.Header["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
@@ -615,7 +732,16 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 	}
 	resp.Body.Close()
 	h.up.Store(nil)
-	if upOK && werr == nil && !resp.Close {
+	bodyOK := endBody(u, h)
+	if !bodyOK {
+		keep = false
+		h.tc.CloseWrite()
+		if tcp, ok := h.cc.Conn.(*net.TCPConn); ok {
+			tcp.CloseWrite()
+		}
+		io.Copy(io.Discard, h.br) // the rest of the upload, until abandonBody's deadline
+	}
+	if upOK && werr == nil && bodyOK && !resp.Close {
 		h.p.put(u)
 	} else {
 		u.c.Close()
@@ -627,8 +753,11 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 	return keep && upOK && werr == nil
 }
 
-// interim passes a 1xx response (103 Early Hints) to the client.
+// interim passes a 1xx response (103 Early Hints) to an HTTP/1.1 client.
 func (h *h1Conn) interim(resp *http.Response) error {
+	if !h.http11 {
+		return nil
+	}
 	removeHopByHop(resp.Header)
 	bw := h1Writers.Get().(*bufio.Writer)
 	bw.Reset(h.tc)
@@ -651,18 +780,18 @@ func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 	if bw.Flush() != nil {
 		return
 	}
+	// Either side ending ends both (as httputil.ReverseProxy does): a
+	// peer that ignores the other's close must not hold the connection.
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		io.Copy(u.c, h.br) // what the client sent after its request, then the rest
-		if tcp, ok := u.c.(*net.TCPConn); ok {
-			tcp.CloseWrite()
-		} else if tc, ok := u.c.(*tls.Conn); ok {
-			tc.CloseWrite()
-		}
+		u.tcp.Close()
+		h.cc.Conn.Close()
 	}()
 	io.Copy(h.tc, u.br)
-	h.tc.CloseWrite()
+	u.tcp.Close()
+	h.cc.Conn.Close()
 	<-done
 }
 
@@ -782,9 +911,14 @@ type h2Stream struct {
 
 func (x *h2Stream) using(u *upConn) bool { return u == nil || x.ctx.Err() == nil }
 func (x *h2Stream) bodyFailed() bool     { return x.body.err != nil }
+func (x *h2Stream) gone() bool           { return x.ctx.Err() != nil }
+func (x *h2Stream) abandonBody()         { x.body.r.Close() }
+
 func (x *h2Stream) interim(r *http.Response) error {
-	copyHeader(x.w.Header(), r.Header)
+	h := x.w.Header()
+	copyHeader(h, r.Header)
 	x.w.WriteHeader(r.StatusCode)
+	clear(h) // the 1xx's own: not the answer's
 	return nil
 }
 
@@ -793,10 +927,12 @@ func (x *h2Stream) interim(r *http.Response) error {
 // Transport took a writer and a reader goroutine hand-off per request).
 func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	x := &h2Stream{ctx: r.Context(), w: w, body: clientBody{r: r.Body}}
-	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = &x.body
-	} else {
+	// The h2 server gives a bodiless request an empty Body, not NoBody:
+	// Request.Write would then send it chunked, after probing it.
+	if r.ContentLength == 0 || r.Body == nil {
 		r.Body = http.NoBody
+	} else {
+		r.Body = &x.body
 	}
 	r.Header.Del("Expect") // the h2 server answers 100-continue itself
 	prepareRequest(r, r.RemoteAddr)
@@ -804,7 +940,7 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	delete(r.Header, "Upgrade") // no upgrades over h2
 	resp, u, err := p.roundTrip(x.ctx, r, x)
 	if err != nil {
-		if x.body.err != nil || x.ctx.Err() != nil { // the client, not the upstream, failed
+		if x.body.err != nil || x.ctx.Err() != nil || errors.Is(err, errClientGone) { // the client, not the upstream, failed
 			panic(http.ErrAbortHandler)
 		}
 		p.s.m.upstreamErrors.WithLabelValues(p.label, dialErrorReason(err)).Inc()
@@ -855,7 +991,8 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h[k] = vv
 	}
 	resp.Body.Close()
-	if stop() && upOK && werr == nil && !resp.Close {
+	bodyOK := endBody(u, x)
+	if stop() && upOK && werr == nil && bodyOK && !resp.Close {
 		p.put(u)
 	} else {
 		u.c.Close()
