@@ -58,6 +58,12 @@ func startPiped(name string, argv ...string) (*proc, *bufio.Reader, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	// An open stdin: `loadgen idle` holds its connections until a line
+	// (or EOF) comes on it, so with /dev/null it let them go at once
+	// and the idle-connection readings saw them closing.
+	if _, err := cmd.StdinPipe(); err != nil {
+		return nil, nil, err
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", name, err)
 	}
