@@ -415,6 +415,8 @@ func (h *h1Conn) serve() bool {
 			h.reply(http.StatusRequestHeaderFieldsTooLarge, "request header too large", false)
 		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &ne):
 			// The client left or stalled mid-request: nobody to answer.
+		case strings.HasPrefix(err.Error(), "unsupported transfer encoding"): // as net/http's server
+			h.reply(http.StatusNotImplemented, err.Error(), false)
 		default:
 			h.reply(http.StatusBadRequest, err.Error(), false)
 		}
