@@ -47,6 +47,17 @@ var (
 	h1Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 )
 
+func getWriter(w io.Writer) *bufio.Writer {
+	bw := h1Writers.Get().(*bufio.Writer)
+	bw.Reset(w)
+	return bw
+}
+
+func putWriter(bw *bufio.Writer) {
+	bw.Reset(nil)
+	h1Writers.Put(bw)
+}
+
 // httpProxy is a terminate route's HTTP upstream with its pool of idle
 // keep-alive connections: for HTTP/1.x clients in the proxy loop, and as
 // the http.Handler of h2 streams.
@@ -273,13 +284,26 @@ func (h *h1Conn) run(wait bool) {
 	}
 }
 
-// end releases the connection (once, by whoever ends it).
-func (h *h1Conn) end() {
+// takeReader gives the connection a pooled read buffer, the byte that
+// ended its wait first.
+func (h *h1Conn) takeReader() {
+	h.pending = true
+	h.br = h1Readers.Get().(*bufio.Reader)
+	h.br.Reset(h)
+}
+
+// dropReader returns the read buffer to the pool.
+func (h *h1Conn) dropReader() {
 	if h.br != nil {
 		h.br.Reset(nil)
 		h1Readers.Put(h.br)
 		h.br = nil
 	}
+}
+
+// end releases the connection (once, by whoever ends it).
+func (h *h1Conn) end() {
+	h.dropReader()
 	if h.ew.wr != nil {
 		h.s.engine().unwatch(&h.ew) // before the close: the descriptor may be reused
 	}
@@ -303,11 +327,7 @@ func (h *h1Conn) next() nextStep {
 	if h.br != nil && h.br.Buffered() > 0 { // pipelined
 		return nextServe
 	}
-	if h.br != nil {
-		h.br.Reset(nil)
-		h1Readers.Put(h.br)
-		h.br = nil
-	}
+	h.dropReader()
 	if !h.state.CompareAndSwap(h1Active, h1Idle) {
 		return nextEnd
 	}
@@ -334,9 +354,7 @@ func (h *h1Conn) next() nextStep {
 			if !h.state.CompareAndSwap(h1Idle, h1Active) {
 				return nextEnd
 			}
-			h.pending = true
-			h.br = h1Readers.Get().(*bufio.Reader)
-			h.br.Reset(h)
+			h.takeReader()
 			return nextServe
 		}
 		if !canPark || !errors.Is(err, os.ErrDeadlineExceeded) {
@@ -395,9 +413,7 @@ func (h *h1Conn) resume() {
 		h.end()
 		return
 	}
-	h.pending = true
-	h.br = h1Readers.Get().(*bufio.Reader)
-	h.br.Reset(h)
+	h.takeReader()
 	h.run(false)
 }
 
@@ -640,22 +656,9 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 		return false
 	}
 	keep = !closeAfter && !h.s.term().draining.Load()
-	bw := h1Writers.Get().(*bufio.Writer)
-	bw.Reset(h.tc)
-	defer func() {
-		bw.Reset(nil)
-		h1Writers.Put(bw)
-	}()
-
-	reason := strings.TrimPrefix(resp.Status[min(3, len(resp.Status)):], " ")
-	if reason == "" {
-		reason = http.StatusText(resp.StatusCode)
-	}
-	bw.WriteString("HTTP/1.1 ")
-	bw.WriteString(strconv.Itoa(resp.StatusCode))
-	bw.WriteByte(' ')
-	bw.WriteString(reason)
-	bw.WriteString("\r\n")
+	bw := getWriter(h.tc)
+	defer putWriter(bw)
+	writeStatusLine(bw, resp)
 	removeHopByHop(resp.Header)
 	noBody := req.Method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
 	chunked := false
@@ -669,13 +672,7 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 		delete(resp.Header, "Content-Length")
 		resp.Header["Transfer-Encoding"] = []string{"chunked"}
 		chunked = true
-		if len(resp.Trailer) > 0 {
-			names := make([]string, 0, len(resp.Trailer))
-			for k := range resp.Trailer {
-				names = append(names, k)
-			}
-			resp.Header["Trailer"] = []string{strings.Join(names, ", ")}
-		}
+		announceTrailer(resp.Header, resp.Trailer)
 	default: // an HTTP/1.0 client: the body ends when the connection does
 		delete(resp.Header, "Content-Length")
 		keep = false
@@ -690,40 +687,12 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 
 	upOK := true // the body came whole from the upstream
 	var werr error
-	if !noBody && u.br.Buffered() == 0 {
-		werr = bw.Flush() // the head now: the body may be slow to come
-	}
-	if !noBody && werr == nil {
-		buf := proxyBuffers.Get()
-		for {
-			n, rerr := resp.Body.Read(buf)
-			if n > 0 {
-				if chunked {
-					bw.WriteString(strconv.FormatInt(int64(n), 16))
-					bw.WriteString("\r\n")
-				}
-				_, werr = bw.Write(buf[:n]) // bufio errors stick: the last write reports them
-				if chunked && werr == nil {
-					_, werr = bw.WriteString("\r\n")
-				}
-				// Flush when the next read would wait on the upstream:
-				// streams (server-sent events, long polls) reach the
-				// client as they come, bulk goes out in full buffers,
-				// and the end goes out with the last flush.
-				if werr == nil && rerr == nil && u.br.Buffered() == 0 {
-					werr = bw.Flush()
-				}
-			}
-			if rerr != nil {
-				upOK = rerr == io.EOF
-				break
-			}
-			if werr != nil {
-				break
-			}
+	if !noBody {
+		var w flushWriter = bw
+		if chunked {
+			w = chunkWriter{bw}
 		}
-		proxyBuffers.Put(buf)
-		if chunked && upOK && werr == nil {
+		if upOK, werr = copyBody(w, resp.Body, u); chunked && upOK && werr == nil {
 			bw.WriteString("0\r\n")
 			resp.Trailer.Write(bw)
 			bw.WriteString("\r\n")
@@ -761,25 +730,24 @@ func (h *h1Conn) interim(resp *http.Response) error {
 		return nil
 	}
 	removeHopByHop(resp.Header)
-	bw := h1Writers.Get().(*bufio.Writer)
-	bw.Reset(h.tc)
-	fmt.Fprintf(bw, "HTTP/1.1 %s\r\n", resp.Status)
+	bw := getWriter(h.tc)
+	defer putWriter(bw)
+	writeStatusLine(bw, resp)
 	resp.Header.Write(bw)
 	bw.WriteString("\r\n")
-	err := bw.Flush()
-	bw.Reset(nil)
-	h1Writers.Put(bw)
-	return err
+	return bw.Flush()
 }
 
 // tunnel passes the 101 answer on and then copies both ways (WebSocket).
 func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 	defer u.c.Close()
-	bw := bufio.NewWriter(h.tc)
-	fmt.Fprintf(bw, "HTTP/1.1 %s\r\n", resp.Status)
+	bw := getWriter(h.tc)
+	writeStatusLine(bw, resp)
 	resp.Header.Write(bw)
 	bw.WriteString("\r\n")
-	if bw.Flush() != nil {
+	err := bw.Flush()
+	putWriter(bw)
+	if err != nil {
 		return
 	}
 	// Either side ending ends both (as httputil.ReverseProxy does): a
@@ -800,8 +768,8 @@ func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 // reply answers with a short error; true when the connection goes on
 // (keep, and the relay is not draining).
 func (h *h1Conn) reply(code int, msg string, keep bool) bool {
-	bw := h1Writers.Get().(*bufio.Writer)
-	bw.Reset(h.tc)
+	bw := getWriter(h.tc)
+	defer putWriter(bw)
 	fmt.Fprintf(bw, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", code, http.StatusText(code), len(msg))
 	keep = keep && !h.s.term().draining.Load()
 	if !keep {
@@ -810,8 +778,6 @@ func (h *h1Conn) reply(code int, msg string, keep bool) bool {
 	bw.WriteString("\r\n")
 	bw.WriteString(msg)
 	err := bw.Flush()
-	bw.Reset(nil)
-	h1Writers.Put(bw)
 	return keep && err == nil
 }
 
@@ -955,40 +921,9 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	removeHopByHop(resp.Header)
 	h := w.Header()
 	copyHeader(h, resp.Header)
-	if len(resp.Trailer) > 0 {
-		names := make([]string, 0, len(resp.Trailer))
-		for k := range resp.Trailer {
-			names = append(names, k)
-		}
-		h["Trailer"] = []string{strings.Join(names, ", ")}
-	}
+	announceTrailer(h, resp.Trailer)
 	w.WriteHeader(resp.StatusCode)
-	rc := http.NewResponseController(w)
-	var werr error
-	if u.br.Buffered() == 0 {
-		werr = rc.Flush() // the head now: the body may be slow to come
-	}
-	upOK := true
-	if werr == nil {
-		buf := proxyBuffers.Get()
-		for {
-			n, rerr := resp.Body.Read(buf)
-			if n > 0 {
-				// As in respond: the end is sent when the handler returns.
-				if _, werr = w.Write(buf[:n]); werr == nil && rerr == nil && u.br.Buffered() == 0 {
-					werr = rc.Flush()
-				}
-			}
-			if rerr != nil {
-				upOK = rerr == io.EOF
-				break
-			}
-			if werr != nil {
-				break
-			}
-		}
-		proxyBuffers.Put(buf)
-	}
+	upOK, werr := copyBody(h2Writer{w, http.NewResponseController(w)}, resp.Body, u)
 	for k, vv := range resp.Trailer {
 		h[k] = vv
 	}
@@ -1009,5 +944,91 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func copyHeader(dst, src http.Header) {
 	for k, vv := range src {
 		dst[k] = vv
+	}
+}
+
+// writeStatusLine writes resp's status line as HTTP/1.1, with the
+// standard reason when the upstream sent none.
+func writeStatusLine(bw *bufio.Writer, resp *http.Response) {
+	reason := strings.TrimPrefix(resp.Status[min(3, len(resp.Status)):], " ")
+	if reason == "" {
+		reason = http.StatusText(resp.StatusCode)
+	}
+	bw.WriteString("HTTP/1.1 ")
+	bw.WriteString(strconv.Itoa(resp.StatusCode))
+	bw.WriteByte(' ')
+	bw.WriteString(reason)
+	bw.WriteString("\r\n")
+}
+
+// announceTrailer lists the upstream's trailer fields in the Trailer
+// header, so that the client expects them after the body.
+func announceTrailer(h, trailer http.Header) {
+	if len(trailer) == 0 {
+		return
+	}
+	names := make([]string, 0, len(trailer))
+	for k := range trailer {
+		names = append(names, k)
+	}
+	h["Trailer"] = []string{strings.Join(names, ", ")}
+}
+
+// flushWriter is where a response body goes: the client's buffered
+// writer, chunked or not, or an h2 stream.
+type flushWriter interface {
+	io.Writer
+	Flush() error
+}
+
+// chunkWriter frames each write as one HTTP/1.1 chunk.
+type chunkWriter struct{ bw *bufio.Writer }
+
+func (c chunkWriter) Write(p []byte) (int, error) {
+	c.bw.WriteString(strconv.FormatInt(int64(len(p)), 16))
+	c.bw.WriteString("\r\n")
+	c.bw.Write(p)
+	if _, err := c.bw.WriteString("\r\n"); err != nil { // bufio errors stick: the last write reports them
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c chunkWriter) Flush() error { return c.bw.Flush() }
+
+type h2Writer struct {
+	http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func (w h2Writer) Flush() error { return w.rc.Flush() }
+
+// copyBody streams an upstream response body to w. It flushes when the
+// next read would wait on the upstream: the head at once if the body is
+// not already here, then streams (server-sent events, long polls) as they
+// come and bulk in full buffers; the end goes out with the caller's last
+// flush. upOK: the body came whole from the upstream; werr: the client
+// could not be written to.
+func copyBody(w flushWriter, body io.Reader, u *upConn) (upOK bool, werr error) {
+	if u.br.Buffered() == 0 {
+		if werr = w.Flush(); werr != nil {
+			return true, werr
+		}
+	}
+	buf := proxyBuffers.Get()
+	defer proxyBuffers.Put(buf)
+	for {
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			if _, werr = w.Write(buf[:n]); werr == nil && rerr == nil && u.br.Buffered() == 0 {
+				werr = w.Flush()
+			}
+		}
+		if rerr != nil {
+			return rerr == io.EOF, werr
+		}
+		if werr != nil {
+			return true, werr
+		}
 	}
 }
