@@ -118,33 +118,11 @@ func TestH1KeepAliveAndPipelining(t *testing.T) {
 // comes (not when a buffer fills) with its trailer; an HTTP/1.0 client
 // gets a response without length ended by the close.
 func TestH1Bodies(t *testing.T) {
-	next := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/upload":
-			h := sha256.New()
-			n, _ := io.Copy(h, r.Body)
-			fmt.Fprintf(w, "%d %x %s", n, h.Sum(nil), r.Header.Get("Expect"))
-		case "/stream":
-			w.Header().Set("Trailer", "X-Sum")
-			io.WriteString(w, "first")
-			w.(http.Flusher).Flush()
-			<-next
-			io.WriteString(w, "second")
-			w.Header().Set("X-Sum", "42")
-		}
-	}))
-	defer up.Close()
-	var nextOnce sync.Once
-	goOn := func() { nextOnce.Do(func() { close(next) }) }
-	defer goOn() // before up.Close, which waits for the handler
-	_, dial := h1Relay(t, up.URL)
+	upURL, goOn := bodiesUpstream(t, nil)
+	_, dial := h1Relay(t, upURL)
 	c, br := dial()
 
-	data := make([]byte, 1<<20+7)
-	for i := range data {
-		data[i] = byte(i * 7)
-	}
+	data := payload()
 	io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: h1.test\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
 	cont, err := br.ReadString('\n')
 	if err != nil || !strings.HasPrefix(cont, "HTTP/1.1 100") {
@@ -158,8 +136,7 @@ func TestH1Bodies(t *testing.T) {
 	}
 	cw.WriteString("0\r\n\r\n")
 	cw.Flush()
-	sum := sha256.Sum256(data)
-	if _, body := readResp(t, br, "POST"); body != fmt.Sprintf("%d %s ", len(data), hex.EncodeToString(sum[:])) {
+	if _, body := readResp(t, br, "POST"); body != uploadAnswer(data)+" " {
 		t.Fatalf("upload arrived as %q", body)
 	}
 
@@ -168,15 +145,7 @@ func TestH1Bodies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	first := make([]byte, 5)
-	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
-		t.Fatalf("streamed part before the upstream goes on: %q %v", first, err)
-	}
-	goOn()
-	rest, _ := io.ReadAll(resp.Body)
-	if string(rest) != "second" || resp.Trailer.Get("X-Sum") != "42" {
-		t.Fatalf("rest %q, trailer %v", rest, resp.Trailer)
-	}
+	checkStream(t, resp, goOn)
 
 	c10, br10 := dial()
 	io.WriteString(c10, "GET /upload HTTP/1.0\r\nHost: h1.test\r\n\r\n")
@@ -314,54 +283,26 @@ func TestH1HTTPSUpstream(t *testing.T) {
 // uploaded without length, a streamed response with its trailer, and a
 // stream the client resets closes its upstream request.
 func TestH2Streams(t *testing.T) {
-	next, gone := make(chan struct{}), make(chan struct{})
-	var nextOnce sync.Once
-	goOn := func() { nextOnce.Do(func() { close(next) }) }
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/upload":
-			h := sha256.New()
-			n, _ := io.Copy(h, r.Body)
-			fmt.Fprintf(w, "%d %x", n, h.Sum(nil))
-		case "/stream":
-			w.Header().Set("Trailer", "X-Sum")
-			io.WriteString(w, "first")
-			w.(http.Flusher).Flush()
-			<-next
-			io.WriteString(w, "second")
-			w.Header().Set("X-Sum", "42")
-		case "/hang":
-			w.WriteHeader(200)
-			w.(http.Flusher).Flush()
-			<-r.Context().Done() // the relay closed the upstream connection
-			close(gone)
-		}
-	}))
-	defer up.Close()
-	defer goOn()
-	r, _ := h1Relay(t, up.URL)
-	tr := &http.Transport{
-		TLSClientConfig:   &tls.Config{RootCAs: r.ca.pool},
-		ForceAttemptHTTP2: true,
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return dialer(5*time.Second).DialContext(ctx, "tcp", r.HTTPSAddr().String())
-		},
-	}
+	gone := make(chan struct{})
+	upURL, goOn := bodiesUpstream(t, func(w http.ResponseWriter, r *http.Request) { // /hang
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // the relay closed the upstream connection
+		close(gone)
+	})
+	r, _ := h1Relay(t, upURL)
+	tr := h2Transport(r)
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 
-	data := make([]byte, 1<<20+7)
-	for i := range data {
-		data[i] = byte(i * 7)
-	}
+	data := payload()
 	resp, err := client.Post("https://h1.test/upload", "application/octet-stream", io.MultiReader(bytes.NewReader(data))) // no length
 	if err != nil {
 		t.Fatal(err)
 	}
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	sum := sha256.Sum256(data)
-	if resp.ProtoMajor != 2 || string(b) != fmt.Sprintf("%d %s", len(data), hex.EncodeToString(sum[:])) {
+	if resp.ProtoMajor != 2 || string(b) != uploadAnswer(data)+" " {
 		t.Fatalf("upload over %s arrived as %q", resp.Proto, b)
 	}
 
@@ -369,16 +310,8 @@ func TestH2Streams(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	first := make([]byte, 5)
-	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
-		t.Fatalf("streamed part before the upstream goes on: %q %v", first, err)
-	}
-	goOn()
-	rest, _ := io.ReadAll(resp.Body)
+	checkStream(t, resp, goOn)
 	resp.Body.Close()
-	if string(rest) != "second" || resp.Trailer.Get("X-Sum") != "42" {
-		t.Fatalf("rest %q, trailer %v", rest, resp.Trailer)
-	}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "GET", "https://h1.test/hang", nil)
@@ -451,5 +384,64 @@ func TestH1ParksQuietConnection(t *testing.T) {
 	r.done <- nil
 	if n := r.active.Load(); n != 0 {
 		t.Errorf("%d connections still counted active after the drain", n)
+	}
+}
+
+// bodiesUpstream answers /upload with the body's length and sha256 (and
+// the Expect header it got) and streams /stream in two parts with a
+// trailer, the second once goOn is called; other paths go to other.
+func bodiesUpstream(t *testing.T, other http.HandlerFunc) (url string, goOn func()) {
+	next := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/upload":
+			h := sha256.New()
+			n, _ := io.Copy(h, r.Body)
+			fmt.Fprintf(w, "%d %x %s", n, h.Sum(nil), r.Header.Get("Expect"))
+		case "/stream":
+			w.Header().Set("Trailer", "X-Sum")
+			io.WriteString(w, "first")
+			w.(http.Flusher).Flush()
+			<-next
+			io.WriteString(w, "second")
+			w.Header().Set("X-Sum", "42")
+		default:
+			other(w, r)
+		}
+	}))
+	t.Cleanup(up.Close)
+	var once sync.Once
+	goOn = func() { once.Do(func() { close(next) }) }
+	t.Cleanup(goOn) // runs before up.Close, which waits for the handler
+	return up.URL, goOn
+}
+
+// payload is 1 MiB + 7 bytes of a pattern that shows misplaced bytes.
+func payload() []byte {
+	data := make([]byte, 1<<20+7)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	return data
+}
+
+// uploadAnswer is bodiesUpstream's answer to data, without the Expect part.
+func uploadAnswer(data []byte) string {
+	sum := sha256.Sum256(data)
+	return fmt.Sprintf("%d %s", len(data), hex.EncodeToString(sum[:]))
+}
+
+// checkStream reads bodiesUpstream's /stream: the first part must arrive
+// before the upstream goes on, the second and the trailer after.
+func checkStream(t *testing.T, resp *http.Response, goOn func()) {
+	t.Helper()
+	first := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
+		t.Fatalf("streamed part before the upstream goes on: %q %v", first, err)
+	}
+	goOn()
+	rest, _ := io.ReadAll(resp.Body)
+	if string(rest) != "second" || resp.Trailer.Get("X-Sum") != "42" {
+		t.Fatalf("rest %q, trailer %v", rest, resp.Trailer)
 	}
 }

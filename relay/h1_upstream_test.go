@@ -125,18 +125,8 @@ func TestH1EarlyResponse(t *testing.T) {
 // still working (long poll) ends the upstream request and its own
 // accounting, as net/http's server did with its background read.
 func TestH1ClientGoneLongPoll(t *testing.T) {
-	arrived := make(chan struct{}, 1)
-	canceled := make(chan struct{}, 1)
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		arrived <- struct{}{}
-		select {
-		case <-r.Context().Done():
-			canceled <- struct{}{}
-		case <-time.After(6 * time.Second):
-		}
-	}))
-	defer up.Close()
-	r, dial := h1Relay(t, up.URL)
+	upURL, arrived, canceled := longPollUpstream(t)
+	r, dial := h1Relay(t, upURL)
 	c, _ := dial()
 	io.WriteString(c, "GET /poll HTTP/1.1\r\nHost: h1.test\r\n\r\n")
 	<-arrived
@@ -152,18 +142,8 @@ func TestH1ClientGoneLongPoll(t *testing.T) {
 // TestH2ResetBeforeHead: the same over h2, a stream reset before the
 // response head arrives.
 func TestH2ResetBeforeHead(t *testing.T) {
-	arrived := make(chan struct{}, 1)
-	canceled := make(chan struct{}, 1)
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		arrived <- struct{}{}
-		select {
-		case <-r.Context().Done():
-			canceled <- struct{}{}
-		case <-time.After(6 * time.Second):
-		}
-	}))
-	defer up.Close()
-	r, _ := h1Relay(t, up.URL)
+	upURL, arrived, canceled := longPollUpstream(t)
+	r, _ := h1Relay(t, upURL)
 	tr := h2Transport(r)
 	defer tr.CloseIdleConnections()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -283,4 +263,20 @@ func TestH1ParkDrainStress(t *testing.T) {
 			t.Errorf("round %d: %d h1 conns left in termServer", round, p)
 		}
 	}
+}
+
+// longPollUpstream holds each request for up to 6 s, reporting when one
+// arrives and when its client (the relay) went away.
+func longPollUpstream(t *testing.T) (url string, arrived, canceled <-chan struct{}) {
+	a, c := make(chan struct{}, 1), make(chan struct{}, 1)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a <- struct{}{}
+		select {
+		case <-r.Context().Done():
+			c <- struct{}{}
+		case <-time.After(6 * time.Second):
+		}
+	}))
+	t.Cleanup(up.Close)
+	return up.URL, a, c
 }
