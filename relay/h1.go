@@ -205,7 +205,8 @@ type h1Conn struct {
 	limit   int64         // bytes left for a request head; < 0: no limit
 	body    clientBody
 
-	http11 bool // the request being served is HTTP/1.1
+	http11   bool   // the request being served is HTTP/1.1
+	clientIP string // for X-Forwarded-For
 
 	state atomic.Int32           // h1Active, h1Idle, h1Parked, h1Closed
 	up    atomic.Pointer[upConn] // upstream in use: a hard drain closes it
@@ -256,6 +257,7 @@ func (h *h1Conn) kill() {
 // client or the relay ends it.
 func (s *Server) serveH1(tc *tls.Conn, cc *termConn, rt *route) {
 	h := &h1Conn{s: s, rt: rt, p: rt.term.proxy, tc: tc, cc: cc, limit: -1}
+	h.clientIP, _, _ = net.SplitHostPort(cc.RemoteAddr().String())
 	if !s.term().addH1(h) {
 		tc.Close()
 		return
@@ -468,7 +470,7 @@ func (h *h1Conn) serve() bool {
 		req.Body = &h.body
 	}
 	closeAfter := req.Close // Connection: close, or HTTP/1.0 without keep-alive
-	upgrade := prepareRequest(req, h.cc.RemoteAddr().String())
+	upgrade := prepareRequest(req, h.clientIP)
 
 	resp, u, err := h.p.roundTrip(h.s.hardCtx, req, h)
 	if err != nil {
@@ -830,7 +832,7 @@ func removeHopByHop(h http.Header) {
 // clients: hop-by-hop headers dropped (an upgrade is asked for again),
 // the client's Host kept, X-Forwarded-* replaced by the relay's. It
 // returns the protocol the client asks to upgrade to, if any.
-func prepareRequest(req *http.Request, client string) (upgrade string) {
+func prepareRequest(req *http.Request, clientIP string) (upgrade string) {
 	hdr := req.Header
 	if tokenIn(hdr["Connection"], "upgrade") {
 		upgrade = hdr.Get("Upgrade")
@@ -847,8 +849,8 @@ func prepareRequest(req *http.Request, client string) (upgrade string) {
 	for _, k := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
 		delete(hdr, k)
 	}
-	if ip, _, err := net.SplitHostPort(client); err == nil {
-		hdr["X-Forwarded-For"] = []string{ip}
+	if clientIP != "" {
+		hdr["X-Forwarded-For"] = []string{clientIP}
 	}
 	hdr["X-Forwarded-Host"] = []string{req.Host}
 	hdr["X-Forwarded-Proto"] = []string{"https"}
@@ -903,7 +905,8 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r.Body = &x.body
 	}
 	r.Header.Del("Expect") // the h2 server answers 100-continue itself
-	prepareRequest(r, r.RemoteAddr)
+	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
+	prepareRequest(r, clientIP)
 	delete(r.Header, "Connection")
 	delete(r.Header, "Upgrade") // no upgrades over h2
 	resp, u, err := p.roundTrip(x.ctx, r, x)

@@ -51,9 +51,37 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		return nil, fmt.Errorf("terminate.upstream %q: scheme must be http, https or tcp", t.Upstream)
 	}
 	tr.tlsConf.NextProtos = []string{"h2", "http/1.1"}
-	d := dialer(s.state0Limits().DialTimeout.D())
+	var upTLS *tls.Config
+	if u.Scheme == "https" {
+		upTLS = &tls.Config{InsecureSkipVerify: t.UpstreamInsecure}
+		if t.UpstreamCA != "" {
+			pem, err := os.ReadFile(t.UpstreamCA)
+			if err != nil {
+				return nil, fmt.Errorf("read terminate.upstream_ca: %w", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("terminate.upstream_ca %s: no PEM certificates in it", t.UpstreamCA)
+			}
+			upTLS.RootCAs = pool
+		}
+	}
+	if (u.Path == "" || u.Path == "/") && u.RawQuery == "" {
+		p := &httpProxy{s: s, label: label, addr: u.Host, tlsConf: upTLS}
+		if u.Port() == "" {
+			p.addr = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
+		}
+		if upTLS != nil {
+			upTLS.ServerName = u.Hostname()
+		}
+		tr.proxy = p
+		tr.handler = p // h2 streams
+		return tr, nil
+	}
+	// An upstream URL with a path or query: httputil.ReverseProxy joins
+	// it with the request's.
 	transport := &http.Transport{
-		DialContext: d.DialContext,
+		DialContext: dialer(s.state0Limits().DialTimeout.D()).DialContext,
 		// As many idle upstream connections as requests were in flight
 		// (up to one h2 client's 250 streams): with fewer, every request
 		// above the limit dialled and then closed its connection (64
@@ -67,37 +95,8 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		// Transport asks for gzip where the client did not and then
 		// decompresses the response in the relay.
 		DisableCompression: true,
+		TLSClientConfig:    upTLS,
 	}
-	if u.Scheme == "https" {
-		tc := &tls.Config{InsecureSkipVerify: t.UpstreamInsecure}
-		if t.UpstreamCA != "" {
-			pem, err := os.ReadFile(t.UpstreamCA)
-			if err != nil {
-				return nil, fmt.Errorf("read terminate.upstream_ca: %w", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("terminate.upstream_ca %s: no PEM certificates in it", t.UpstreamCA)
-			}
-			tc.RootCAs = pool
-		}
-		transport.TLSClientConfig = tc
-	}
-	if (u.Path == "" || u.Path == "/") && u.RawQuery == "" {
-		p := &httpProxy{s: s, label: label, addr: u.Host}
-		if u.Port() == "" {
-			p.addr = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
-		}
-		if tc := transport.TLSClientConfig; tc != nil {
-			p.tlsConf = tc.Clone()
-			p.tlsConf.ServerName = u.Hostname()
-		}
-		tr.proxy = p
-		tr.handler = p // h2 streams
-		return tr, nil
-	}
-	// An upstream URL with a path or query: httputil.ReverseProxy joins
-	// it with the request's.
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
 	tr.handler = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
