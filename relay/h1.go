@@ -194,7 +194,6 @@ func (p *httpProxy) dial(ctx context.Context) (*upConn, error) {
 // h1Conn is a client connection in the proxy loop.
 type h1Conn struct {
 	s  *Server
-	rt *route
 	p  *httpProxy
 	tc *tls.Conn
 	cc *termConn
@@ -256,7 +255,7 @@ func (h *h1Conn) kill() {
 // serveH1 runs the proxy loop on a handshaken client connection until the
 // client or the relay ends it.
 func (s *Server) serveH1(tc *tls.Conn, cc *termConn, rt *route) {
-	h := &h1Conn{s: s, rt: rt, p: rt.term.proxy, tc: tc, cc: cc, limit: -1}
+	h := &h1Conn{s: s, p: rt.term.proxy, tc: tc, cc: cc, limit: -1}
 	h.clientIP, _, _ = net.SplitHostPort(cc.RemoteAddr().String())
 	if !s.term().addH1(h) {
 		tc.Close()
