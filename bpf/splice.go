@@ -563,6 +563,9 @@ func (p *pair) finish(err error) {
 	})
 }
 
+// copyHook, when set (tests), sees every chunk the process copies.
+var copyHook func(d *dir, b []byte)
+
 // dir is one direction of a pair: bytes arriving on src go to dst.
 type dir struct {
 	p        *pair
@@ -636,6 +639,9 @@ func (d *dir) process() {
 				p.s.bufs.Put(buf)
 				p.finish(errors.New("sockmap splice: the socket ended before the bytes its verdict passed"))
 				return
+			}
+			if copyHook != nil {
+				copyHook(d, (*buf)[:n])
 			}
 			err := p.drain(d, 0)
 			if err == nil {
