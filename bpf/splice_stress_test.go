@@ -21,21 +21,40 @@ import (
 
 var calm = os.Getenv("SPLICE_STRESS_CALM")
 
-// pattern fills b with the little-endian offsets of its 8-byte words, so
-// a corrupted stream tells where its bytes came from.
-func pattern(b []byte, off int64) {
+// pattern fills b with little-endian 8-byte words holding the stream id
+// (top 16 bits) and the word's offset in the stream, so a corrupted
+// stream tells where its bytes came from, even from another connection.
+func pattern(b []byte, off int64, id uint64) {
 	for i := range b {
 		o := off + int64(i)
-		b[i] = byte(uint64(o/8) >> (8 * (o % 8)))
+		b[i] = byte((uint64(o/8) | id<<48) >> (8 * (o % 8)))
 	}
 }
 
-func sendPattern(c *net.TCPConn, size int64, rng *rand.Rand) error {
+// origin finds the stream and offset that b[j:] was sent at (ok false:
+// no pattern matches 16 bytes there).
+func origin(b []byte, j int) (id uint64, off int64, ok bool) {
+	for a := 0; a < 8 && j+a+8 <= len(b); a++ {
+		w := binary.LittleEndian.Uint64(b[j+a:])
+		id, off = w>>48, int64(w&(1<<48-1))*8-int64(a)
+		if off < 0 {
+			continue
+		}
+		want := make([]byte, min(16, len(b)-j))
+		pattern(want, off, id)
+		if string(want) == string(b[j:j+len(want)]) {
+			return id, off, true
+		}
+	}
+	return 0, 0, false
+}
+
+func sendPattern(c *net.TCPConn, size int64, id uint64, rng *rand.Rand) error {
 	buf := make([]byte, 256<<10)
 	var off int64
 	for off < size {
 		n := min(int64(1+rng.IntN(len(buf))), size-off)
-		pattern(buf[:n], off)
+		pattern(buf[:n], off, id)
 		if _, err := c.Write(buf[:n]); err != nil {
 			return fmt.Errorf("write at %d: %w", off, err)
 		}
@@ -47,7 +66,7 @@ func sendPattern(c *net.TCPConn, size int64, rng *rand.Rand) error {
 	return c.CloseWrite()
 }
 
-func checkPattern(c *net.TCPConn, size int64, rng *rand.Rand, skip int, prog *atomic.Int64) error {
+func checkPattern(c *net.TCPConn, size int64, id uint64, rng *rand.Rand, skip int, prog *atomic.Int64) error {
 	buf := make([]byte, 256<<10)
 	want := make([]byte, len(buf))
 	var off int64
@@ -60,10 +79,14 @@ func checkPattern(c *net.TCPConn, size int64, rng *rand.Rand, skip int, prog *at
 				copy(buf, buf[k:n])
 				n -= k
 			}
-			pattern(want[:n], off)
+			pattern(want[:n], off, id)
 			for i := 0; i < n; i++ {
 				if buf[i] != want[i] {
-					return &corruption{at: off + int64(i), src: firstSrc(buf[:n], i), msg: explain(buf[:n], off, i)}
+					_, src, ok := origin(buf[:n], i)
+					if !ok {
+						src = -1
+					}
+					return &corruption{at: off + int64(i), src: src, msg: explain(buf[:n], off, i, id)}
 				}
 			}
 			off += int64(n)
@@ -113,17 +136,8 @@ func TestSpliceStress(t *testing.T) {
 	copyHook = func(d *dir, b []byte) {
 		c := copied{at: -1, n: len(b), cfg: d.cfg}
 		s.stat.Lookup(d.src.cookie, &c.stat)
-		for a := 0; a < 8 && a+8 <= len(b); a++ {
-			cand := int64(binary.LittleEndian.Uint64(b[a:]))*8 - int64(a)
-			if cand < 0 {
-				continue
-			}
-			w := make([]byte, min(16, len(b)))
-			pattern(w, cand)
-			if string(w) == string(b[:len(w)]) {
-				c.at = cand
-				break
-			}
+		if _, off, ok := origin(b, 0); ok {
+			c.at = off
 		}
 		hookMu.Lock()
 		log[d.cfg.Dir] = append(log[d.cfg.Dir], c)
@@ -187,22 +201,22 @@ func TestSpliceStress(t *testing.T) {
 		wg.Add(4)
 		go func() {
 			defer wg.Done()
-			errs[0] = sendPattern(p.client, size, rand.New(rand.NewPCG(seed, 1)))
+			errs[0] = sendPattern(p.client, size, 0, rand.New(rand.NewPCG(seed, 1)))
 			fail(errs[0])
 		}()
 		go func() {
 			defer wg.Done()
-			errs[1] = sendPattern(p.upstream, size, rand.New(rand.NewPCG(seed, 2)))
+			errs[1] = sendPattern(p.upstream, size, 0, rand.New(rand.NewPCG(seed, 2)))
 			fail(errs[1])
 		}()
 		go func() {
 			defer wg.Done()
-			errs[2] = checkPattern(p.upstream, size, rand.New(rand.NewPCG(seed, 3)), len(pre), &progUp)
+			errs[2] = checkPattern(p.upstream, size, 0, rand.New(rand.NewPCG(seed, 3)), len(pre), &progUp)
 			fail(errs[2])
 		}()
 		go func() {
 			defer wg.Done()
-			errs[3] = checkPattern(p.client, size, rand.New(rand.NewPCG(seed, 4)), 0, &progDown)
+			errs[3] = checkPattern(p.client, size, 0, rand.New(rand.NewPCG(seed, 4)), 0, &progDown)
 		}()
 		wg.Wait()
 		close(stop)
@@ -252,37 +266,28 @@ func (s *Splicer) dumpPairs(t *testing.T) {
 }
 
 // explain says where the received bytes from index i of buf (stream
-// offset off) came from in the sender's stream, run by run.
-func explain(buf []byte, off int64, i int) string {
+// offset off of stream id) came from, run by run.
+func explain(buf []byte, off int64, i int, id uint64) string {
 	var out []string
 	for j := i; j < len(buf) && len(out) < 8; {
-		src := int64(-1)
-		for a := 0; a < 8 && j+a+8 <= len(buf); a++ {
-			cand := int64(binary.LittleEndian.Uint64(buf[j+a:]))*8 - int64(a)
-			if cand < 0 {
-				continue
-			}
-			w := make([]byte, min(32, len(buf)-j))
-			pattern(w, cand)
-			if string(w) == string(buf[j:j+len(w)]) {
-				src = cand
-				break
-			}
-		}
-		if src < 0 {
+		sid, src, ok := origin(buf, j)
+		if !ok {
 			out = append(out, fmt.Sprintf("at %d: unknown bytes %x", off+int64(j), buf[j:min(j+16, len(buf))]))
 			break
 		}
-		// extend the run
 		k := j
 		w := make([]byte, 1)
 		for ; k < len(buf); k++ {
-			pattern(w, src+int64(k-j))
+			pattern(w, src+int64(k-j), sid)
 			if buf[k] != w[0] {
 				break
 			}
 		}
-		out = append(out, fmt.Sprintf("at %d: %d bytes from sender offset %d (delta %+d)", off+int64(j), k-j, src, src-(off+int64(j))))
+		from := ""
+		if sid != id {
+			from = fmt.Sprintf(" of ANOTHER stream (%d)", sid)
+		}
+		out = append(out, fmt.Sprintf("at %d: %d bytes from sender offset %d%s (delta %+d)", off+int64(j), k-j, src, from, src-(off+int64(j))))
 		j = k
 	}
 	return strings.Join(out, "; ")
@@ -295,17 +300,65 @@ type corruption struct {
 
 func (c *corruption) Error() string { return fmt.Sprintf("byte %d differs: %s", c.at, c.msg) }
 
-func firstSrc(buf []byte, j int) int64 {
-	for a := 0; a < 8 && j+a+8 <= len(buf); a++ {
-		cand := int64(binary.LittleEndian.Uint64(buf[j+a:]))*8 - int64(a)
-		if cand < 0 {
-			continue
+// TestSpliceStressPairs runs several pairs at once, each stream with its
+// own id in its bytes, so that a verdict acting on another pair's
+// bookkeeping (a map value recycled under it) shows as bytes of another
+// stream, and the relay's map updates of one pair race the verdicts of
+// the others. SPLICE_STRESS_PAIRS, _ROUNDS and _MIB size it.
+func TestSpliceStressPairs(t *testing.T) {
+	env := func(name string, def int) int {
+		if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+			return v
 		}
-		w := make([]byte, min(16, len(buf)-j))
-		pattern(w, cand)
-		if string(w) == string(buf[j:j+len(w)]) {
-			return cand
+		return def
+	}
+	pairs, rounds, size := env("SPLICE_STRESS_PAIRS", 6), env("SPLICE_STRESS_ROUNDS", 2), int64(env("SPLICE_STRESS_MIB", 8))<<20
+	s := newTestSplicer(t)
+	for r := 0; r < rounds; r++ {
+		seed := uint64(time.Now().UnixNano())
+		var wg sync.WaitGroup
+		errs := make(chan error, 4*pairs)
+		for i := 0; i < pairs; i++ {
+			pre := []byte("HELLO")
+			p := newSplicedPair(t, s, pre, time.Minute)
+			upID, downID := uint64(2*i+1), uint64(2*i+2)
+			var progUp, progDown atomic.Int64
+			run := func(what string, f func() error) {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					if err := f(); err != nil {
+						errs <- fmt.Errorf("pair %d %s: %w", i, what, err)
+						p.client.Close()
+						p.upstream.Close()
+					}
+				}()
+			}
+			rng := func(k uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, uint64(i)*8+k)) }
+			run("client send", func() error { return sendPattern(p.client, size, upID, rng(1)) })
+			run("upstream send", func() error { return sendPattern(p.upstream, size, downID, rng(2)) })
+			run("client → upstream", func() error { return checkPattern(p.upstream, size, upID, rng(3), len(pre), &progUp) })
+			run("upstream → client", func() error { return checkPattern(p.client, size, downID, rng(4), 0, &progDown) })
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				select {
+				case res := <-p.done:
+					if res.err != nil || res.up != size || res.down != size {
+						errs <- fmt.Errorf("pair %d: Splice = %d, %d, %v", i, res.up, res.down, res.err)
+					}
+				case <-time.After(2 * time.Minute):
+					errs <- fmt.Errorf("pair %d did not finish", i)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Errorf("round %d seed %d: %v", r, seed, err)
+		}
+		if t.Failed() {
+			return
 		}
 	}
-	return -1
 }
