@@ -88,6 +88,13 @@ int splice_verdict(struct __sk_buff *skb)
 		goto pass;
 
 	__u64 peer = cfg->peer;
+	// A hash map value replaced by the relay's update goes straight back
+	// to the map's free list and may already hold another socket's
+	// entry: redirect only to a peer whose own entry names this socket
+	// back (passing is always safe).
+	struct splice_cfg *back = bpf_map_lookup_elem(&splice_cfg, &peer);
+	if (!back || back->peer != cookie)
+		goto pass;
 	struct bpf_sock *sk = bpf_map_lookup_elem(&splice_socks, &peer);
 	if (!sk)
 		goto pass;

@@ -144,6 +144,9 @@ type Splicer struct {
 	poll  poller
 	// workers are the running copy workers; Close waits for them.
 	workers sync.WaitGroup
+	// inUse is held (shared) by each pair's finish, which may run on
+	// after done, so that Close releases the maps only after it.
+	inUse sync.RWMutex
 }
 
 // OpenSplicer opens the splice pins in pinDir; ErrSpliceNotLoaded when absent.
@@ -188,6 +191,8 @@ func (s *Splicer) Close() error {
 	}
 	s.workers.Wait()
 	s.poll.close()
+	s.inUse.Lock()
+	defer s.inUse.Unlock()
 	for _, m := range []*ebpf.Map{s.socks, s.cfg, s.stat, s.bytes} {
 		if m != nil {
 			m.Close()
@@ -542,16 +547,21 @@ var ErrIdle = errors.New("idle timeout")
 // on error both sockets are closed, and done gets the byte counts.
 func (p *pair) finish(err error) {
 	p.once.Do(func() {
+		p.s.inUse.RLock()
+		defer p.s.inUse.RUnlock()
 		p.closed.Store(true)
 		p.s.poll.forget(p)
 		if p.stop != nil {
 			p.stop()
 		}
 		// The SOCKHASH entries go with the sockets, closed here or by
-		// done's caller; without their cfg the verdict passes whatever
-		// still comes.
-		up, down := p.up.release(), p.down.release()
-		p.s.cfg.BatchDelete(p.keys(), nil)
+		// done. Without their cfg the verdict passes whatever still comes
+		// and leaves the stat alone, so the stat goes last: a value
+		// deleted while a verdict still wrote to it would be recycled
+		// into another pair's entry.
+		keys := p.keys()
+		deleteKeys(p.s.cfg, keys)
+		up, down := p.up.bytes(), p.down.bytes()
 		if err != nil {
 			p.a.c.Close()
 			p.b.c.Close()
@@ -560,7 +570,18 @@ func (p *pair) finish(err error) {
 			err = nil
 		}
 		p.done(int64(up), int64(down), err)
+		deleteKeys(p.s.stat, keys)
 	})
+}
+
+// deleteKeys removes keys from m in one batch, or one by one when the
+// batch stopped at a key already gone (the LRU may have evicted it).
+func deleteKeys(m *ebpf.Map, keys []uint64) {
+	if n, err := m.BatchDelete(keys, nil); err != nil && n < len(keys) {
+		for _, k := range keys[n:] {
+			m.Delete(k)
+		}
+	}
 }
 
 // copyHook, when set (tests), sees every chunk the process copies.
@@ -576,11 +597,11 @@ type dir struct {
 	ended    atomic.Bool // FIN passed on
 }
 
-// release drops d's stat entry and returns the bytes of this direction:
-// redirected in the kernel plus copied by the process.
-func (d *dir) release() uint64 {
+// bytes returns the bytes of this direction: redirected in the kernel
+// plus copied by the process.
+func (d *dir) bytes() uint64 {
 	var st spliceSpliceStat
-	d.p.s.stat.LookupAndDelete(d.src.cookie, &st)
+	d.p.s.stat.Lookup(d.src.cookie, &st)
 	return st.Redirected + d.copied.Load()
 }
 
