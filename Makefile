@@ -18,6 +18,7 @@ build:
 # and BPF programs (and clean them up); as a normal user those tests skip
 # and say why.
 test: build
+	@if [ "$$(id -u)" = 0 ]; then ./scripts/deps.sh; fi  # a fresh machine lacks iptables, curl, ...
 	$(GO) test $(TESTFLAGS) $(PKGS)
 
 # The packages with the most concurrency (relay core, sockmap splice)
