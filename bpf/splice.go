@@ -146,7 +146,8 @@ type Splicer struct {
 	workers sync.WaitGroup
 	// inUse is held (shared) by each pair's finish, which may run on
 	// after done, so that Close releases the maps only after it.
-	inUse sync.RWMutex
+	inUse    sync.RWMutex
+	released bool // the maps are closed (under inUse)
 }
 
 // OpenSplicer opens the splice pins in pinDir; ErrSpliceNotLoaded when absent.
@@ -193,6 +194,7 @@ func (s *Splicer) Close() error {
 	s.poll.close()
 	s.inUse.Lock()
 	defer s.inUse.Unlock()
+	s.released = true
 	for _, m := range []*ebpf.Map{s.socks, s.cfg, s.stat, s.bytes} {
 		if m != nil {
 			m.Close()
@@ -208,38 +210,58 @@ func (s *Splicer) SplicedBytes() (up, down uint64, err error) { return readSplic
 // nothing was written or read: the caller should relay it another way.
 var ErrSpliceFallback = fmt.Errorf("sockmap splice not possible for this connection: %w", errors.ErrUnsupported)
 
-// end is one socket of a spliced pair.
+// end is one socket of a spliced pair, held by a descriptor of the
+// pair's own: the caller's *net.TCPConn is closed once the pair is armed,
+// so an idle pair keeps none of the Go runtime's per-socket state (netFD,
+// poll descriptor, netpoller registration). Its methods run only while
+// the pair is held (pair.hold), which keeps fd from being closed and its
+// number reused under them.
 type end struct {
-	c      *net.TCPConn
-	rc     syscall.RawConn
 	fd     int
 	cookie uint64
 }
 
+// newEnd duplicates c's descriptor; the copy shares the socket and its
+// non-blocking mode.
 func newEnd(c *net.TCPConn) (*end, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	e := &end{c: c, rc: rc}
+	e := &end{fd: -1}
 	var serr error
 	err = rc.Control(func(fd uintptr) {
-		e.fd = int(fd)
-		e.cookie, serr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
+		if e.cookie, serr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE); serr != nil {
+			serr = fmt.Errorf("socket cookie: %w", serr)
+			return
+		}
+		if e.fd, serr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0); serr != nil {
+			e.fd = -1
+			serr = fmt.Errorf("dup socket: %w", serr)
+		}
 	})
 	if err == nil {
 		err = serr
 	}
 	if err != nil {
-		return nil, fmt.Errorf("socket cookie: %w", err)
+		return nil, err
 	}
 	return e, nil
 }
 
+func (e *end) close() {
+	if e != nil && e.fd >= 0 {
+		unix.Close(e.fd)
+		e.fd = -1
+	}
+}
+
 // inq is the bytes waiting in the socket's receive queue.
 func (e *end) inq() int {
-	n := -1
-	e.rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	n, err := unix.IoctlGetInt(e.fd, unix.SIOCINQ)
+	if err != nil {
+		return -1
+	}
 	return n
 }
 
@@ -251,28 +273,48 @@ func (e *end) queued() (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	var outq int
-	if cerr := e.rc.Control(func(fd uintptr) { outq, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) }); cerr != nil {
-		return 0, cerr
-	}
+	outq, err := unix.IoctlGetInt(e.fd, unix.SIOCOUTQ)
 	if err != nil {
 		return 0, err
 	}
 	return acked + uint64(outq), nil
 }
 
+// write writes all of b, waiting for room in the send queue (in steps,
+// so that a pair ended meanwhile stops it).
+func (p *pair) write(e *end, b []byte) error {
+	for len(b) > 0 {
+		n, err := unix.Write(e.fd, b)
+		if n > 0 {
+			b = b[n:]
+		}
+		switch {
+		case err == unix.EAGAIN:
+			if p.closed.Load() {
+				return net.ErrClosed
+			}
+			unix.Poll([]unix.PollFd{{Fd: int32(e.fd), Events: unix.POLLOUT}}, 50)
+		case err != nil && err != unix.EINTR:
+			return err
+		}
+	}
+	return nil
+}
+
 // Splice hands client and upstream to the kernel: bytes go from one to
 // the other without entering this process until a peer stops reading
-// (then the process copies, bounded by a blocking write). pre is written
-// to upstream first (the peeked ClientHello). Splice returns once the pair
-// is armed; done is called once, from another goroutine, when both
-// directions have ended (with the bytes moved each way, pre not
+// (then the process copies, bounded by its in-flight limit). pre is
+// written to upstream first (the peeked ClientHello). Splice returns once
+// the pair is armed; done is called once, from another goroutine, when
+// both directions have ended (with the bytes moved each way, pre not
 // included), or the pair failed, went idle for idle, or ctx was canceled.
 // No goroutine waits on an armed pair: one poller watches every handed-off
 // socket and starts a short-lived worker only when the verdict passed
 // something (data under pressure, or the FIN).
 //
-// done must close both sockets: that removes them from the SOCKHASH.
+// On success the pair owns both sockets: client and upstream are closed
+// at once (the sockets live on under descriptors of the pair's own, which
+// it closes when it ends, removing them from the SOCKHASH).
 //
 // ErrSpliceFallback: nothing happened, relay the pair another way. Any
 // other error: the pair is unusable and done is not called.
@@ -283,24 +325,32 @@ func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre
 	}
 	ue, err := newEnd(upstream)
 	if err != nil {
+		ce.close()
 		return errors.Join(ErrSpliceFallback, err)
 	}
 	// Bytes already queued on a socket when it is inserted bypass the
 	// verdict's bookkeeping; a client that sent more than its hello
 	// (0-RTT) is relayed by splice(2).
 	if ce.inq() != 0 || ue.inq() != 0 {
+		ce.close()
+		ue.close()
 		return ErrSpliceFallback
 	}
 	if err := s.poll.init(); err != nil {
+		ce.close()
+		ue.close()
 		return errors.Join(ErrSpliceFallback, err)
 	}
 	p := &pair{s: s, idle: idle, a: ce, b: ue, done: done}
+	p.refs.Store(1)
 	p.up = &dir{p: p, src: ce, dst: ue, cfg: spliceSpliceCfg{Peer: ue.cookie, Written: uint64(len(pre)), Limit: s.Limit, Dir: 0}}
 	p.down = &dir{p: p, src: ue, dst: ce, cfg: spliceSpliceCfg{Peer: ce.cookie, Limit: s.Limit, Dir: 1}}
 	// The upstream goes in before it has the hello, so it is quiet: its
 	// answer can only come through the verdict.
 	if err := s.arm(p); err != nil {
 		s.forgetMaps(p)
+		ce.close()
+		ue.close()
 		return errors.Join(ErrSpliceFallback, err)
 	}
 	// Watched before the hello goes out: until then neither side can
@@ -310,6 +360,8 @@ func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre
 	if err := s.poll.watch(p); err != nil {
 		p.stop()
 		s.forgetMaps(p)
+		ce.close()
+		ue.close()
 		return errors.Join(ErrSpliceFallback, err)
 	}
 	upstream.SetWriteDeadline(time.Now().Add(30 * time.Second))
@@ -321,8 +373,41 @@ func (s *Splicer) Splice(ctx context.Context, client, upstream *net.TCPConn, pre
 		}
 		return nil
 	}
-	upstream.SetWriteDeadline(time.Time{})
+	// From here the pair's own descriptors carry the sockets.
+	client.Close()
+	upstream.Close()
 	return nil
+}
+
+// hold keeps the pair's descriptors open until the matching drop; false
+// once the pair has ended and let them go.
+func (p *pair) hold() bool {
+	for {
+		n := p.refs.Load()
+		if n == 0 {
+			return false
+		}
+		if p.refs.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// drop ends a hold; the last one, after finish, closes the sockets and
+// then drops their stat entries: the verdict writes to those until the
+// sockets leave the SOCKHASH, and a value deleted while a verdict still
+// wrote to it would be recycled into another pair's entry.
+func (p *pair) drop() {
+	if p.refs.Add(-1) != 0 {
+		return
+	}
+	p.a.close()
+	p.b.close()
+	p.s.inUse.RLock()
+	defer p.s.inUse.RUnlock()
+	if !p.s.released {
+		deleteKeys(p.s.stat, p.keys())
+	}
 }
 
 // abandon ends the pair without calling done; false when it had already
@@ -335,6 +420,7 @@ func (p *pair) abandon() bool {
 		p.s.poll.forget(p)
 		p.stop()
 		p.s.forgetMaps(p)
+		p.drop()
 	})
 	return abandoned
 }
@@ -521,7 +607,12 @@ func (pl *poller) loop() {
 		clear(ready)
 		ready = ready[:0]
 		for _, p := range idle {
-			if idleFor(p.a) >= p.idle && idleFor(p.b) >= p.idle {
+			if !p.hold() {
+				continue
+			}
+			quiet := idleFor(p.a) >= p.idle && idleFor(p.b) >= p.idle
+			p.drop()
+			if quiet {
 				p.finish(ErrIdle)
 			}
 		}
@@ -535,6 +626,7 @@ type pair struct {
 	a, b     *end
 	up, down *dir
 	closed   atomic.Bool
+	refs     atomic.Int32 // holds on a and b's descriptors (finish drops the first)
 	once     sync.Once
 	done     func(up, down int64, err error)
 	stop     func() bool
@@ -544,33 +636,26 @@ type pair struct {
 var ErrIdle = errors.New("idle timeout")
 
 // finish ends the pair once: the poller forgets it, the maps drop it,
-// on error both sockets are closed, and done gets the byte counts.
+// done gets the byte counts, and its sockets are closed (by the last
+// holder, when a worker still has them).
 func (p *pair) finish(err error) {
 	p.once.Do(func() {
 		p.s.inUse.RLock()
-		defer p.s.inUse.RUnlock()
 		p.closed.Store(true)
 		p.s.poll.forget(p)
 		if p.stop != nil {
 			p.stop()
 		}
-		// The SOCKHASH entries go with the sockets, closed here or by
-		// done. Without their cfg the verdict passes whatever still comes
-		// and leaves the stat alone, so the stat goes last: a value
-		// deleted while a verdict still wrote to it would be recycled
-		// into another pair's entry.
-		keys := p.keys()
-		deleteKeys(p.s.cfg, keys)
+		// Without their cfg the verdict passes whatever still comes and
+		// leaves the stat alone; the stat goes with the sockets (drop).
+		deleteKeys(p.s.cfg, p.keys())
 		up, down := p.up.bytes(), p.down.bytes()
-		if err != nil {
-			p.a.c.Close()
-			p.b.c.Close()
-		}
+		p.s.inUse.RUnlock()
 		if errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
 			err = nil
 		}
+		p.drop()
 		p.done(int64(up), int64(down), err)
-		deleteKeys(p.s.stat, keys)
 	})
 }
 
@@ -615,8 +700,12 @@ func (d *dir) schedule() {
 
 func (d *dir) work() {
 	defer d.p.s.workers.Done()
+	held := d.p.hold()
+	if held {
+		defer d.p.drop()
+	}
 	for {
-		if !d.ended.Load() && !d.p.closed.Load() {
+		if held && !d.ended.Load() && !d.p.closed.Load() {
 			d.process()
 		}
 		if d.worker.Done() {
@@ -645,9 +734,7 @@ func (d *dir) process() {
 				n    int
 				rerr error
 			)
-			d.src.rc.Control(func(fd uintptr) {
-				n, rerr = unix.Read(int(fd), (*buf)[:min(len(*buf), queued)])
-			})
+			n, rerr = unix.Read(d.src.fd, (*buf)[:min(len(*buf), queued)])
 			switch {
 			case rerr == unix.EAGAIN || rerr == unix.EINTR:
 				p.s.bufs.Put(buf)
@@ -669,7 +756,7 @@ func (d *dir) process() {
 				err = p.room(d, uint64(n))
 			}
 			if err == nil {
-				_, err = d.dst.c.Write((*buf)[:n])
+				err = p.write(d.dst, (*buf)[:n])
 			}
 			p.s.bufs.Put(buf)
 			if err != nil {
@@ -690,15 +777,13 @@ func (d *dir) process() {
 			revents int16
 			soErr   int
 		)
-		d.src.rc.Control(func(fd uintptr) {
-			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
-			if k, _ := unix.Poll(pfd, 0); k > 0 {
-				revents = pfd[0].Revents
-			}
-			if revents&unix.POLLERR != 0 {
-				soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-			}
-		})
+		pfd := []unix.PollFd{{Fd: int32(d.src.fd), Events: unix.POLLRDHUP}}
+		if k, _ := unix.Poll(pfd, 0); k > 0 {
+			revents = pfd[0].Revents
+		}
+		if revents&unix.POLLERR != 0 {
+			soErr, _ = unix.GetsockoptInt(d.src.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		}
 		switch {
 		case revents&(unix.POLLERR|unix.POLLNVAL) != 0:
 			// Reset: what src redirected before still goes out first.
@@ -724,7 +809,7 @@ func (d *dir) process() {
 				p.finish(err)
 				return
 			}
-			d.dst.c.CloseWrite()
+			unix.Shutdown(d.dst.fd, unix.SHUT_WR)
 			d.ended.Store(true)
 			if p.up.ended.Load() && p.down.ended.Load() {
 				p.finish(nil)
@@ -793,15 +878,7 @@ func (p *pair) await(d *dir, max time.Duration, timeout string, known *spliceSpl
 
 // acked is the bytes of the socket's stream the peer acknowledged.
 func (e *end) acked() (uint64, error) {
-	var (
-		info *unix.TCPInfo
-		err  error
-	)
-	if cerr := e.rc.Control(func(fd uintptr) {
-		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-	}); cerr != nil {
-		return 0, cerr
-	}
+	info, err := unix.GetsockoptTCPInfo(e.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
 	if err != nil {
 		return 0, err
 	}
@@ -810,14 +887,11 @@ func (e *end) acked() (uint64, error) {
 
 // idleFor is how long ago the socket last received data (tcp_info).
 func idleFor(e *end) time.Duration {
-	var d time.Duration
-	e.rc.Control(func(fd uintptr) {
-		info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-		if err == nil {
-			d = time.Duration(info.Last_data_recv) * time.Millisecond
-		}
-	})
-	return d
+	info, err := unix.GetsockoptTCPInfo(e.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0
+	}
+	return time.Duration(info.Last_data_recv) * time.Millisecond
 }
 
 // ReadSplicedBytes reads the kernel byte counters of the pinned sockmap

@@ -55,7 +55,8 @@ func newTestSplicer(t testing.TB) *Splicer {
 type splicedPair struct {
 	client   *net.TCPConn // the test's client end
 	upstream *net.TCPConn // the test's upstream (server) end
-	relayIn  *net.TCPConn // the relay's socket facing the client
+	relayIn  *net.TCPConn // the relay's socket facing the client (closed by Splice)
+	cookie   uint64       // relayIn's socket cookie
 	done     chan result
 }
 
@@ -102,6 +103,10 @@ func newSplicedPairCtx(t *testing.T, ctx context.Context, s *Splicer, pre []byte
 		t.Fatal(err)
 	}
 	p := &splicedPair{client: c.(*net.TCPConn), upstream: u.(*net.TCPConn), relayIn: rc.(*net.TCPConn), done: make(chan result, 1)}
+	// Splice closes relayIn (the pair has its own descriptor): its
+	// cookie finds the pair afterwards.
+	rcc, _ := rc.(*net.TCPConn).SyscallConn()
+	rcc.Control(func(fd uintptr) { p.cookie, _ = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE) })
 	err = s.Splice(ctx, rc.(*net.TCPConn), ru.(*net.TCPConn), pre, idle, func(up, down int64, err error) {
 		rc.Close()
 		ru.Close()
@@ -243,8 +248,10 @@ func TestSpliceMemoryBound(t *testing.T) {
 	// receiving socket, whose buffer TCP autotunes up to tcp_rmem's
 	// maximum (6 MiB by default).
 	var rcvbuf int
-	rc, _ := p.relayIn.SyscallConn()
-	rc.Control(func(fd uintptr) { rcvbuf, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) })
+	if q := s.pairOf(t, p); q.hold() {
+		rcvbuf, _ = unix.GetsockoptInt(q.a.fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+		q.drop()
+	}
 	bound := int64(DefaultSpliceLimit) + int64(rcvbuf) + 256<<10
 	t.Logf("client wrote %d MiB; %d KiB still in its send queue, %d KiB in the upstream's receive queue, %d KiB held by the relay (bound %d KiB: 2 MiB in flight + receive buffer %d KiB)",
 		sent>>20, clientOutq>>10, upInq>>10, held>>10, bound>>10, rcvbuf>>10)
@@ -333,20 +340,7 @@ func TestSpliceWrongPeer(t *testing.T) {
 	s := newTestSplicer(t)
 	a := newSplicedPair(t, s, []byte("A"), time.Minute)
 	b := newSplicedPair(t, s, []byte("B"), time.Minute)
-	find := func(p *splicedPair) *pair {
-		rc, _ := p.relayIn.SyscallConn()
-		var cookie uint64
-		rc.Control(func(fd uintptr) { cookie, _ = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE) })
-		s.poll.mu.Lock()
-		defer s.poll.mu.Unlock()
-		for q := range s.poll.pairs {
-			if q.a.cookie == cookie {
-				return q
-			}
-		}
-		t.Fatal("pair not found")
-		return nil
-	}
+	find := func(p *splicedPair) *pair { return s.pairOf(t, p) }
 	pa, pb := find(a), find(b)
 	// A's client → upstream entry now names B's upstream socket.
 	var bad spliceSpliceCfg
@@ -371,4 +365,18 @@ func TestSpliceWrongPeer(t *testing.T) {
 	if string(got) != "B" {
 		t.Fatalf("B's upstream read %q: bytes of another connection", got)
 	}
+}
+
+// pairOf is the Splicer's pair of a test pair.
+func (s *Splicer) pairOf(t *testing.T, p *splicedPair) *pair {
+	t.Helper()
+	s.poll.mu.Lock()
+	defer s.poll.mu.Unlock()
+	for q := range s.poll.pairs {
+		if q.a.cookie == p.cookie {
+			return q
+		}
+	}
+	t.Fatal("pair not found")
+	return nil
 }

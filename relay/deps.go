@@ -40,7 +40,9 @@ type OriginalDst func(c *net.TCPConn) (dst netip.AddrPort, ok bool, err error)
 // not included) and upstream → client. An error wrapping
 // errors.ErrUnsupported means it did nothing and the relay uses splice(2)
 // for this connection; any other error means the pair is unusable (done
-// is not called). Without a Splicer the relay uses splice(2).
+// is not called). On success the Splicer owns client and upstream and
+// closes them (the relay keeps no reference). Without a Splicer the relay
+// uses splice(2).
 type Splicer interface {
 	Splice(ctx context.Context, client, upstream *net.TCPConn, pre []byte, idle time.Duration, done func(up, down int64, err error)) error
 	// SplicedBytes are the bytes moved in the kernel so far, all connections.

@@ -54,8 +54,9 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	pre = append(pre, hello.Raw...)
 	upBytes := s.m.bytes.WithLabelValues(rt.label, "upstream")
 	downBytes := s.m.bytes.WithLabelValues(rt.label, "downstream")
-	ended := func(up, down int64, err error, kernel bool) {
-		upConn.Close()
+	// logEnd holds neither socket: a connection in the kernel keeps it
+	// (and what it captures) for its whole life.
+	logEnd := func(up, down int64, err error, kernel bool) {
 		active.Dec()
 		if errors.Is(err, ErrIdle) {
 			s.m.limitRejections.WithLabelValues("idle_timeout").Inc()
@@ -63,13 +64,17 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 		s.log.Debug("passthrough done", "route", label, "sni", sni, "client", clientAddr, "upstream", addr,
 			"up", up+helloLen, "down", down, "kernel", kernel, "err", err)
 	}
+	ended := func(up, down int64, err error, kernel bool) {
+		upConn.Close()
+		logEnd(up, down, err, kernel)
+	}
 
-	if s.splicer != nil && st.cfg.Splice == "sockmap" && s.detach(client) {
+	if s.splicer != nil && st.cfg.Splice == "sockmap" && s.handOff(client) {
 		err := s.splicer.Splice(s.hardCtx, client, upConn, pre, lim.IdleTimeout.D(), func(up, down int64, err error) {
 			upBytes.Add(float64(up + helloLen))
 			downBytes.Add(float64(down))
-			ended(up, down, err, true)
-			s.release(client)
+			logEnd(up, down, err, true)
+			s.releaseHandedOff()
 		})
 		if err == nil {
 			return true

@@ -274,8 +274,8 @@ func (s *Server) Serve(ctx context.Context) error {
 		// Connections in the kernel (sockmap) are ended by their
 		// splicer, which must stop watching them before they close.
 		s.hardCancel()
+		n := s.active.Load()
 		s.mu.Lock()
-		n := len(s.tracked)
 		for c := range s.tracked {
 			if s.tracked[c] != connDetached {
 				c.Close()
@@ -418,12 +418,29 @@ func (s *Server) detach(c net.Conn) bool {
 	return true
 }
 
-// undetach takes back a detach whose hand-off did not happen.
+// handOff is detach for a connection given to a Splicer, which owns
+// (and closes) it from then on: the server stops tracking it, so that an
+// idle connection in the kernel keeps nothing of it here.
+// releaseHandedOff ends it.
+func (s *Server) handOff(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	delete(s.tracked, c)
+	return true
+}
+
+func (s *Server) releaseHandedOff() {
+	s.active.Add(-1)
+	s.conns.Done()
+}
+
+// undetach takes back a detach or handOff whose hand-off did not happen.
 func (s *Server) undetach(c net.Conn) {
 	s.mu.Lock()
-	if _, ok := s.tracked[c]; ok {
-		s.tracked[c] = connRouted
-	}
+	s.tracked[c] = connRouted
 	s.mu.Unlock()
 }
 
