@@ -81,7 +81,48 @@ type upConn struct {
 	n      int64 // bytes read since the request was sent: 0 means a retry is safe
 	idleAt time.Time
 	wrote  chan error // a request body being sent; nil when none
+
+	// outcome of the request whose body is being sent: upWaiting, then
+	// upAnswered or (no body taken, no answer, for the idle timeout)
+	// upStalled, whichever comes first.
+	outcome atomic.Int32
 }
+
+const (
+	upWaiting int32 = iota
+	upAnswered
+	upStalled
+)
+
+// stallWriter gives each write of a request body to the upstream the
+// idle timeout to make progress: an upstream that neither reads the body
+// nor answers must not hold the client's request (and its goroutines)
+// forever.
+type stallWriter struct {
+	u    *upConn
+	idle time.Duration
+}
+
+func (w stallWriter) Write(p []byte) (int, error) {
+	w.u.c.SetWriteDeadline(time.Now().Add(w.idle))
+	n, err := w.u.c.Write(p)
+	if errors.Is(err, os.ErrDeadlineExceeded) && w.u.outcome.CompareAndSwap(upWaiting, upStalled) {
+		w.u.c.Close() // no answer is coming either: end the wait for it
+	}
+	return n, err
+}
+
+// errUpstreamStalled ends a request whose upstream took none of its body
+// and sent no answer for limits.idle_timeout (504, reason "timeout").
+var errUpstreamStalled error = stallError{}
+
+type stallError struct{}
+
+func (stallError) Error() string {
+	return "upstream neither read the request body nor answered for limits.idle_timeout"
+}
+func (stallError) Timeout() bool   { return true }
+func (stallError) Temporary() bool { return true }
 
 func (u *upConn) Read(p []byte) (int, error) {
 	n, err := u.c.Read(p)
@@ -479,9 +520,17 @@ func (h *h1Conn) serve() bool {
 		h.s.m.upstreamErrors.WithLabelValues(h.p.label, dialErrorReason(err)).Inc()
 		h.s.log.Warn("upstream request", "route", h.p.label, "upstream", h.p.addr, "err", err)
 		// A body the upstream did not take is still on the connection.
-		return h.reply(http.StatusBadGateway, "", req.Body == http.NoBody && !closeAfter)
+		return h.reply(upstreamStatus(err), "", req.Body == http.NoBody && !closeAfter)
 	}
 	return h.respond(req, resp, u, upgrade, closeAfter)
+}
+
+// upstreamStatus is the answer to a client whose request failed upstream.
+func upstreamStatus(err error) int {
+	if errors.Is(err, errUpstreamStalled) {
+		return http.StatusGatewayTimeout
+	}
+	return http.StatusBadGateway
 }
 
 // upClient is the client side of a round trip: an HTTP/1.x connection or
@@ -528,6 +577,7 @@ func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient
 			return nil, nil, net.ErrClosed
 		}
 		u.n = 0
+		u.outcome.Store(upWaiting)
 		var err error
 		if req.Body == http.NoBody {
 			if err = req.Write(u.bw); err == nil {
@@ -535,11 +585,15 @@ func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient
 			}
 		} else {
 			u.wrote = make(chan error, 1)
+			idle := p.s.state0Limits().IdleTimeout.D()
 			go func() {
+				u.bw.Reset(stallWriter{u, idle})
 				err := req.Write(u.bw)
 				if err == nil {
 					err = u.bw.Flush()
 				}
+				u.c.SetWriteDeadline(time.Time{})
+				u.bw.Reset(u.c)
 				u.wrote <- err
 			}()
 		}
@@ -556,12 +610,18 @@ func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient
 				resp, err = p.readResponse(u, req, c)
 			}
 		}
-		if err == nil {
+		if err == nil && (u.wrote == nil || u.outcome.CompareAndSwap(upWaiting, upAnswered)) {
 			return resp, u, nil
+		}
+		if err == nil { // answered just as the body writer gave up
+			resp.Body.Close()
 		}
 		c.using(nil)
 		u.c.Close()
 		endBody(u, c)
+		if u.outcome.Load() == upStalled {
+			return nil, nil, errUpstreamStalled
+		}
 		if !(retry && reused && u.n == 0) || c.bodyFailed() || errors.Is(err, errClientGone) {
 			return nil, nil, err
 		}
@@ -915,7 +975,7 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		p.s.m.upstreamErrors.WithLabelValues(p.label, dialErrorReason(err)).Inc()
 		p.s.log.Warn("upstream request", "route", p.label, "upstream", p.addr, "err", err)
-		w.WriteHeader(http.StatusBadGateway)
+		w.WriteHeader(upstreamStatus(err))
 		return
 	}
 	// A stream the client resets must not hold the upstream.

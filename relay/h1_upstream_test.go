@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/relay-gw/relay/internal/config"
 )
 
 // rawHTTPUpstream serves each connection with h, which gets every request read.
@@ -279,4 +281,63 @@ func longPollUpstream(t *testing.T) (url string, arrived, canceled <-chan struct
 	}))
 	t.Cleanup(up.Close)
 	return up.URL, a, c
+}
+
+// TestUpstreamStalledUpload: an upstream that reads a request's head but
+// neither its body nor answers is given up after limits.idle_timeout: the
+// client gets a 504 (over HTTP/1.1 and h2), counted as an upstream
+// timeout, instead of a request held open forever.
+func TestUpstreamStalledUpload(t *testing.T) {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	addr := rawUpstream(t, func(c *net.TCPConn) {
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+			<-release // holds the connection, reads nothing more
+		}
+	})
+	r, dial := h1Relay(t, "http://"+addr, func(c *config.Config) { c.Limits.IdleTimeout = config.Duration(time.Second) })
+	// Enough to fill every buffer between the client and the upstream.
+	const size = 256 << 20
+	upload := func(w io.Writer) {
+		buf := make([]byte, 64<<10)
+		for n := 0; n < size; n += len(buf) {
+			if _, err := w.Write(buf); err != nil {
+				return
+			}
+		}
+	}
+
+	t.Run("h1", func(t *testing.T) {
+		c, br := dial()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		go func() {
+			fmt.Fprintf(c, "POST /upload HTTP/1.1\r\nHost: h1.test\r\nContent-Length: %d\r\n\r\n", size)
+			upload(c)
+		}()
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("no response: %v", err)
+		}
+		if resp.StatusCode != http.StatusGatewayTimeout {
+			t.Errorf("client got %d, want 504", resp.StatusCode)
+		}
+	})
+	t.Run("h2", func(t *testing.T) {
+		client := &http.Client{Transport: h2Transport(r), Timeout: 30 * time.Second}
+		pr, pw := io.Pipe()
+		go func() { upload(pw); pw.Close() }()
+		defer pr.Close()
+		req, _ := http.NewRequest("POST", "https://h1.test/upload", pr)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("no response: %v", err)
+		}
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusGatewayTimeout {
+			t.Errorf("client got %s %d, want HTTP/2 504", resp.Proto, resp.StatusCode)
+		}
+	})
+	if v := metricValue(r.metricsText(t), `relay_upstream_errors_total{reason="timeout",route="h1.test"}`); v != 2 {
+		t.Errorf("upstream timeouts counted %v, want 2", v)
+	}
 }
