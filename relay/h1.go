@@ -84,7 +84,8 @@ type upConn struct {
 
 	// outcome of the request whose body is being sent: upWaiting, then
 	// upAnswered or (no body taken, no answer, for the idle timeout)
-	// upStalled, whichever comes first.
+	// upStalled or (the client's body failed) upAbandoned, whichever
+	// comes first.
 	outcome atomic.Int32
 }
 
@@ -92,6 +93,7 @@ const (
 	upWaiting int32 = iota
 	upAnswered
 	upStalled
+	upAbandoned
 )
 
 // stallWriter gives each write of a request body to the upstream the
@@ -594,6 +596,12 @@ func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient
 				}
 				u.c.SetWriteDeadline(time.Time{})
 				u.bw.Reset(u.c)
+				if err != nil && c.bodyFailed() && u.outcome.CompareAndSwap(upWaiting, upAbandoned) {
+					// The client's body broke off (it left, or reset its
+					// stream): the upstream, waiting for the rest, would
+					// never answer.
+					u.c.Close()
+				}
 				u.wrote <- err
 			}()
 		}

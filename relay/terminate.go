@@ -173,8 +173,12 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	// waits for it and closes it at the drain timeout (http.Server.Shutdown
 	// closes only idle ones).
 	cc.release = true
-	if rt.term.proxy != nil && tlsConn.ConnectionState().NegotiatedProtocol != "h2" {
-		go s.serveH1(tlsConn, cc, rt)
+	if rt.term.proxy != nil {
+		if tlsConn.ConnectionState().NegotiatedProtocol == "h2" {
+			go s.serveH2(tlsConn, cc, rt)
+		} else {
+			go s.serveH1(tlsConn, cc, rt)
+		}
 		return true
 	}
 	if !s.term().deliver(tlsConn) {
@@ -272,7 +276,8 @@ type termServer struct {
 	draining atomic.Bool
 	mu       sync.Mutex
 	h1       map[*h1Conn]struct{}
-	h1Gone   chan struct{} // closed when draining and h1 is empty
+	h2       map[*h2Conn]struct{} // and HTTP/2 ones in the relay's h2 server
+	h1Gone   chan struct{}        // closed when draining and h1 and h2 are empty
 }
 
 // addH1 registers a connection of the proxy loop; false while draining.
@@ -290,7 +295,29 @@ func (ts *termServer) removeH1(h *h1Conn) {
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
 	delete(ts.h1, h)
-	if len(ts.h1) == 0 && ts.h1Gone != nil {
+	ts.goneLocked()
+}
+
+// addH2 registers a connection of the h2 server; false while draining.
+func (ts *termServer) addH2(c *h2Conn) bool {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.draining.Load() {
+		return false
+	}
+	ts.h2[c] = struct{}{}
+	return true
+}
+
+func (ts *termServer) removeH2(c *h2Conn) {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	delete(ts.h2, c)
+	ts.goneLocked()
+}
+
+func (ts *termServer) goneLocked() {
+	if len(ts.h1) == 0 && len(ts.h2) == 0 && ts.h1Gone != nil {
 		close(ts.h1Gone)
 		ts.h1Gone = nil
 	}
@@ -300,7 +327,7 @@ type routeCtxKey struct{}
 
 func (s *Server) term() *termServer {
 	s.termOnce.Do(func() {
-		ts := &termServer{conns: make(chan net.Conn), stop: make(chan struct{}), h1: make(map[*h1Conn]struct{})}
+		ts := &termServer{conns: make(chan net.Conn), stop: make(chan struct{}), h1: make(map[*h1Conn]struct{}), h2: make(map[*h2Conn]struct{})}
 		idle := s.state.Load().cfg.Limits.IdleTimeout.D()
 		var protos http.Protocols
 		protos.SetHTTP1(true)
@@ -364,14 +391,21 @@ func (ts *termServer) shutdown(ctx context.Context) {
 		}
 	}
 	gone := make(chan struct{})
-	if len(ts.h1) == 0 {
+	if len(ts.h1) == 0 && len(ts.h2) == 0 {
 		close(gone)
 	} else {
 		ts.h1Gone = gone
 	}
+	h2s := make([]*h2Conn, 0, len(ts.h2))
+	for c := range ts.h2 {
+		h2s = append(h2s, c)
+	}
 	ts.mu.Unlock()
 	for _, h := range parked {
 		h.end()
+	}
+	for _, c := range h2s {
+		c.drain() // GOAWAY: streams in flight finish
 	}
 	ts.srv.Shutdown(ctx)
 	select {
@@ -380,6 +414,9 @@ func (ts *termServer) shutdown(ctx context.Context) {
 		ts.mu.Lock()
 		for h := range ts.h1 {
 			h.kill()
+		}
+		for c := range ts.h2 {
+			c.kill()
 		}
 		ts.mu.Unlock()
 	}

@@ -1,0 +1,921 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// The relay's own HTTP/2 server for terminate routes proxied by the
+// relay's loop. net/http's h2 server passes every request through four
+// goroutines (frame reader, serve loop, handler, frame writer) with a
+// channel hand-off at each step; here the connection's goroutine reads
+// frames and starts one goroutine per stream, which writes its own frames
+// under a lock, and the last writer out flushes: one hand-off per request,
+// and one write to the client for many streams' answers under load.
+const (
+	h2MaxStreams    = 250     // concurrent streams a client may have (net/http's default)
+	h2StreamWindow  = 1 << 20 // request body bytes buffered per stream
+	h2ConnWindow    = 1 << 20 // and per connection (net/http's defaults)
+	h2MaxHeaderList = 1 << 20 // request header block, decoded (net/http's MaxHeaderBytes)
+	h2ReadFrame     = 16384   // largest frame read: SETTINGS_MAX_FRAME_SIZE's default, not raised
+	h2InitialWindow = 65535   // RFC 9113 6.9.2
+	h2MaxWindow     = 1<<31 - 1
+)
+
+var errH2Closed = errors.New("http2: connection closed")
+
+// h2Conn is a client connection speaking HTTP/2.
+type h2Conn struct {
+	s       *Server
+	handler http.Handler
+	tc      *tls.Conn
+	cc      *termConn
+	fr      *http2.Framer // reads, on the connection's goroutine only
+	remote  string
+	tlsSt   tls.ConnectionState
+
+	// Frames are written to bw under wmu; the writer that finds no other
+	// waiting flushes.
+	wmu     sync.Mutex
+	bw      *bufio.Writer // from h2Writers while something is unflushed
+	henc    *hpack.Encoder
+	hbuf    bytes.Buffer
+	werr    error
+	waiting atomic.Int32
+	owed    bool // a flush was left to a waiting writer
+
+	mu         sync.Mutex
+	cond       *sync.Cond // windows grew, body data came, a stream or the connection ended
+	streams    map[uint32]*h2StreamState
+	running    int    // stream goroutines not yet returned
+	lastID     uint32 // highest stream opened by the client
+	sendWin    int64  // connection window for our DATA
+	initWin    int64  // client's SETTINGS_INITIAL_WINDOW_SIZE
+	maxFrame   int    // client's SETTINGS_MAX_FRAME_SIZE
+	recvWin    int64  // connection bytes the client may still send
+	recvGiven  int64  // consumed, not yet returned by WINDOW_UPDATE
+	goAway     bool   // GOAWAY sent: no new streams; closed when the last ends
+	closed     bool
+	idle       *time.Timer
+	idleWindow time.Duration
+}
+
+// h2StreamState is one request.
+type h2StreamState struct {
+	c      *h2Conn
+	id     uint32
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	// under c.mu
+	buf       []byte // request body received, not yet read
+	bodyEnd   bool   // END_STREAM came
+	bodyErr   error  // reset, or the connection ended
+	recvWin   int64  // body bytes the client may still send
+	recvGiven int64
+	declared  int64 // content-length; -1 when none
+	received  int64
+	sendWin   int64
+	done      bool // the client reset it, or its answer is complete
+	expect    bool // the client waits for 100 Continue
+}
+
+var h2Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 32<<10) }}
+
+// serveH2 serves a handshaken client connection that chose h2.
+func (s *Server) serveH2(tc *tls.Conn, cc *termConn, rt *route) {
+	c := &h2Conn{
+		s: s, handler: rt.term.handler, tc: tc, cc: cc,
+		remote:   cc.RemoteAddr().String(),
+		tlsSt:    tc.ConnectionState(),
+		streams:  map[uint32]*h2StreamState{},
+		sendWin:  h2InitialWindow,
+		initWin:  h2InitialWindow,
+		maxFrame: 16384,
+		recvWin:  h2ConnWindow,
+	}
+	c.cond = sync.NewCond(&c.mu)
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	c.fr = http2.NewFramer(io.Discard, tc)
+	c.fr.SetMaxReadFrameSize(h2ReadFrame)
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = h2MaxHeaderList
+	if !s.term().addH2(c) {
+		tc.Close()
+		return
+	}
+	c.run()
+}
+
+func (c *h2Conn) run() {
+	defer c.end()
+	lim := c.s.state0Limits()
+	c.idleWindow = lim.IdleTimeout.D()
+	// The preface and the client's SETTINGS within the hello timeout.
+	c.tc.SetReadDeadline(time.Now().Add(lim.HelloTimeout.D()))
+	var preface [len(http2.ClientPreface)]byte
+	if _, err := io.ReadFull(c.tc, preface[:]); err != nil || string(preface[:]) != http2.ClientPreface {
+		return
+	}
+	c.write(true, func() {
+		c.settings(
+			http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: h2MaxStreams},
+			http2.Setting{ID: http2.SettingInitialWindowSize, Val: h2StreamWindow},
+			http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: h2MaxHeaderList},
+		)
+		c.windowUpdate(0, h2ConnWindow-h2InitialWindow)
+	})
+	c.recvWin = h2ConnWindow
+	f, err := c.fr.ReadFrame()
+	if sf, ok := f.(*http2.SettingsFrame); err != nil || !ok || sf.IsAck() {
+		c.goAwayNow(http2.ErrCodeProtocol)
+		return
+	}
+	c.tc.SetReadDeadline(time.Time{})
+	c.mu.Lock()
+	c.idle = time.AfterFunc(c.idleWindow, c.idleCheck)
+	c.mu.Unlock()
+	for err == nil {
+		if err = c.frame(f); err != nil {
+			break
+		}
+		f, err = c.fr.ReadFrame()
+		var se http2.StreamError
+		if errors.As(err, &se) {
+			c.resetStream(se.StreamID, se.Code)
+			err = nil
+			f = nil
+		}
+	}
+	var ce http2.ConnectionError
+	switch {
+	case errors.As(err, &ce):
+		c.goAwayNow(http2.ErrCode(ce))
+	case errors.Is(err, http2.ErrFrameTooLarge):
+		c.goAwayNow(http2.ErrCodeFrameSize)
+	}
+}
+
+// frame handles one frame from the client; an error ends the connection.
+func (c *h2Conn) frame(f http2.Frame) error {
+	switch f := f.(type) {
+	case nil: // a stream error, handled
+	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		if err := c.applySettings(f); err != nil {
+			return err
+		}
+		c.write(true, func() { c.rawFrame(http2.FrameSettings, http2.FlagSettingsAck, 0) })
+	case *http2.MetaHeadersFrame:
+		return c.headers(f)
+	case *http2.DataFrame:
+		return c.data(f)
+	case *http2.WindowUpdateFrame:
+		return c.windowUpdated(f)
+	case *http2.RSTStreamFrame:
+		c.mu.Lock()
+		if st := c.streams[f.StreamID]; st != nil {
+			c.endStreamLocked(st, fmt.Errorf("http2: client reset stream %d (%v)", f.StreamID, f.ErrCode))
+		} else if f.StreamID > c.lastID {
+			c.mu.Unlock()
+			return http2.ConnectionError(http2.ErrCodeProtocol) // reset of an idle stream
+		}
+		c.mu.Unlock()
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			c.write(true, func() { c.rawFrame(http2.FramePing, http2.FlagPingAck, 0, f.Data[:]) })
+		}
+	case *http2.GoAwayFrame:
+		// The client opens no more streams; those in flight finish.
+	case *http2.PushPromiseFrame:
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	return nil // PRIORITY and unknown frames are ignored
+}
+
+func (c *h2Conn) applySettings(f *http2.SettingsFrame) error {
+	tableSize, setTable := uint32(0), false
+	c.mu.Lock()
+	err := f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return err
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			delta := int64(s.Val) - c.initWin
+			c.initWin = int64(s.Val)
+			for _, st := range c.streams {
+				if st.sendWin += delta; st.sendWin > h2MaxWindow {
+					return http2.ConnectionError(http2.ErrCodeFlowControl)
+				}
+			}
+			c.cond.Broadcast()
+		case http2.SettingMaxFrameSize:
+			c.maxFrame = int(s.Val)
+		case http2.SettingHeaderTableSize:
+			tableSize, setTable = s.Val, true
+		}
+		return nil
+	})
+	c.mu.Unlock()
+	if setTable { // after c.mu: writers take c.mu under wmu
+		c.wmu.Lock()
+		c.henc.SetMaxDynamicTableSizeLimit(tableSize)
+		c.wmu.Unlock()
+	}
+	return err
+}
+
+// headers opens a stream (or ends one's body with trailers).
+func (c *h2Conn) headers(f *http2.MetaHeadersFrame) error {
+	id := f.StreamID
+	if id%2 == 0 {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	c.mu.Lock()
+	if st := c.streams[id]; st != nil || id <= c.lastID {
+		defer c.mu.Unlock()
+		if st == nil {
+			return nil // ended by us (answered early, reset): ignored (RFC 9113 5.1)
+		}
+		if st.bodyEnd {
+			return http2.ConnectionError(http2.ErrCodeStreamClosed)
+		}
+		if !f.StreamEnded() { // trailers must end the stream
+			c.resetLocked(st, http2.ErrCodeProtocol)
+			return nil
+		}
+		st.bodyEnd = true // request trailers are not forwarded
+		c.cond.Broadcast()
+		return nil
+	}
+	c.lastID = id
+	if c.goAway || c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	if c.running >= h2MaxStreams {
+		c.mu.Unlock()
+		c.resetStream(id, http2.ErrCodeRefusedStream)
+		return nil
+	}
+	st := &h2StreamState{c: c, id: id, recvWin: h2StreamWindow, sendWin: c.initWin, declared: -1}
+	st.ctx, st.cancel = context.WithCancelCause(c.s.hardCtx)
+	req, status, err := c.request(f, st)
+	if err != nil {
+		c.mu.Unlock()
+		st.cancel(nil)
+		c.resetStream(id, http2.ErrCodeProtocol)
+		return nil
+	}
+	st.bodyEnd = f.StreamEnded()
+	c.streams[id] = st
+	c.running++
+	c.idle.Stop()
+	c.mu.Unlock()
+	go c.serveStream(st, req, status)
+	return nil
+}
+
+// request builds the stream's request; status, when not 0, is answered
+// without the handler (CONNECT, oversized headers).
+func (c *h2Conn) request(f *http2.MetaHeadersFrame, st *h2StreamState) (*http.Request, int, error) {
+	method, path := f.PseudoValue("method"), f.PseudoValue("path")
+	scheme, authority := f.PseudoValue("scheme"), f.PseudoValue("authority")
+	if f.Truncated {
+		return nil, http.StatusRequestHeaderFieldsTooLarge, nil
+	}
+	if method == http.MethodConnect {
+		return nil, http.StatusMethodNotAllowed, nil // no tunnels over h2
+	}
+	if method == "" || path == "" || scheme == "" {
+		return nil, 0, errors.New("missing pseudo-header")
+	}
+	fields := f.RegularFields()
+	h := make(http.Header, len(fields))
+	for _, hf := range fields {
+		switch hf.Name {
+		case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade":
+			return nil, 0, fmt.Errorf("connection-specific header %q", hf.Name)
+		case "te":
+			if hf.Value != "trailers" {
+				return nil, 0, errors.New(`te other than "trailers"`)
+			}
+		}
+		k := http.CanonicalHeaderKey(hf.Name)
+		h[k] = append(h[k], hf.Value)
+	}
+	if cookies := h["Cookie"]; len(cookies) > 1 { // RFC 9113 8.2.3
+		h["Cookie"] = []string{strings.Join(cookies, "; ")}
+	}
+	if authority == "" {
+		authority = h.Get("Host")
+	}
+	delete(h, "Host")
+	u, err := url.ParseRequestURI(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	req := &http.Request{
+		Method: method, URL: u, Proto: "HTTP/2.0", ProtoMajor: 2,
+		Header: h, Host: authority, RequestURI: path,
+		RemoteAddr: c.remote, TLS: &c.tlsSt,
+	}
+	if cl := h["Content-Length"]; len(cl) > 0 {
+		n, err := strconv.ParseInt(cl[0], 10, 64)
+		if len(cl) > 1 || err != nil || n < 0 {
+			return nil, 0, errors.New("bad content-length")
+		}
+		st.declared = n
+	}
+	switch {
+	case f.StreamEnded():
+		if st.declared > 0 {
+			return nil, 0, errors.New("content-length without a body")
+		}
+		req.Body = http.NoBody
+	default:
+		req.ContentLength = st.declared
+		req.Body = &h2Body{st: st}
+		st.expect = strings.EqualFold(h.Get("Expect"), "100-continue")
+	}
+	return req.WithContext(st.ctx), 0, nil
+}
+
+// data takes request body bytes.
+func (c *h2Conn) data(f *http2.DataFrame) error {
+	n := int64(f.Header().Length) // padding included: it counts against the windows
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.recvWin -= n; c.recvWin < 0 {
+		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	}
+	st := c.streams[f.StreamID]
+	if st == nil || st.bodyEnd || st.done {
+		if f.StreamID > c.lastID {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		// A stream we ended (and reset): its window is gone, the
+		// connection's comes back.
+		c.giveBackLocked(nil, n)
+		return nil
+	}
+	if st.recvWin -= n; st.recvWin < 0 {
+		c.resetLocked(st, http2.ErrCodeFlowControl)
+		return nil
+	}
+	d := f.Data()
+	st.received += int64(len(d))
+	if st.declared >= 0 && (st.received > st.declared || f.StreamEnded() && st.received != st.declared) {
+		c.resetLocked(st, http2.ErrCodeProtocol)
+		return nil
+	}
+	st.buf = append(st.buf, d...)
+	if pad := n - int64(len(d)); pad > 0 {
+		c.giveBackLocked(st, pad)
+	}
+	st.bodyEnd = f.StreamEnded()
+	c.cond.Broadcast()
+	return nil
+}
+
+func (c *h2Conn) windowUpdated(f *http2.WindowUpdateFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f.StreamID == 0 {
+		if c.sendWin += int64(f.Increment); c.sendWin > h2MaxWindow {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	} else if st := c.streams[f.StreamID]; st != nil {
+		if st.sendWin += int64(f.Increment); st.sendWin > h2MaxWindow {
+			c.resetLocked(st, http2.ErrCodeFlowControl)
+		}
+	}
+	c.cond.Broadcast()
+	return nil
+}
+
+// giveBackLocked returns consumed bytes to the client's windows (the
+// connection's, and st's when it still takes a body), in WINDOW_UPDATEs
+// once a quarter of a window is due.
+func (c *h2Conn) giveBackLocked(st *h2StreamState, n int64) {
+	var connInc, streamInc int64
+	c.recvGiven += n
+	if c.recvGiven >= h2ConnWindow/4 {
+		connInc, c.recvGiven = c.recvGiven, 0
+		c.recvWin += connInc
+	}
+	if st != nil && !st.bodyEnd && !st.done {
+		st.recvGiven += n
+		if st.recvGiven >= h2StreamWindow/4 {
+			streamInc, st.recvGiven = st.recvGiven, 0
+			st.recvWin += streamInc
+		}
+	}
+	if connInc == 0 && streamInc == 0 {
+		return
+	}
+	id := uint32(0)
+	if st != nil {
+		id = st.id
+	}
+	// Written from another goroutine: c.mu is held here, and writers
+	// take c.mu to wait for windows.
+	go c.write(true, func() {
+		if connInc > 0 {
+			c.windowUpdate(0, uint32(connInc))
+		}
+		if streamInc > 0 {
+			c.windowUpdate(id, uint32(streamInc))
+		}
+	})
+}
+
+// endStreamLocked ends st for its handler: the body read fails, writes
+// stop, the upstream request is canceled.
+func (c *h2Conn) endStreamLocked(st *h2StreamState, cause error) {
+	if st.done {
+		return
+	}
+	st.done = true
+	if st.bodyErr == nil {
+		st.bodyErr = cause
+	}
+	delete(c.streams, st.id)
+	if n := int64(len(st.buf)); n > 0 { // buffered, never to be read
+		st.buf = nil
+		c.giveBackLocked(nil, n)
+	}
+	st.cancel(cause)
+	c.cond.Broadcast()
+}
+
+// resetLocked resets st from our side.
+func (c *h2Conn) resetLocked(st *h2StreamState, code http2.ErrCode) {
+	c.endStreamLocked(st, http2.StreamError{StreamID: st.id, Code: code})
+	c.resetLater(st.id, code)
+}
+
+func (c *h2Conn) resetLater(id uint32, code http2.ErrCode) {
+	go c.resetStream(id, code)
+}
+
+func (c *h2Conn) resetStream(id uint32, code http2.ErrCode) {
+	c.mu.Lock()
+	if st := c.streams[id]; st != nil {
+		c.endStreamLocked(st, http2.StreamError{StreamID: id, Code: code})
+	}
+	c.mu.Unlock()
+	var p [4]byte
+	binary.BigEndian.PutUint32(p[:], uint32(code))
+	c.write(true, func() { c.rawFrame(http2.FrameRSTStream, 0, id, p[:]) })
+}
+
+// serveStream runs the handler for one stream.
+func (c *h2Conn) serveStream(st *h2StreamState, req *http.Request, status int) {
+	rw := &h2Response{st: st, h: make(http.Header)}
+	defer func() {
+		aborted := false
+		if r := recover(); r != nil {
+			aborted = true
+			if r != http.ErrAbortHandler {
+				c.s.log.Error("http2 handler panic", "client", c.remote, "panic", r)
+			}
+		}
+		if aborted {
+			c.resetStream(st.id, http2.ErrCodeInternal)
+		} else {
+			rw.finish()
+		}
+		c.mu.Lock()
+		if !st.bodyEnd && !st.done {
+			// Answered before the whole body came: the client may stop.
+			c.resetLater(st.id, http2.ErrCodeNo)
+		}
+		c.endStreamLocked(st, context.Canceled)
+		c.running--
+		c.cond.Broadcast() // end waits for running to reach 0
+		last := c.running == 0
+		if last && !c.closed {
+			if c.goAway {
+				c.closed = true
+				defer c.cc.Conn.Close() // drained: the read loop ends
+			} else {
+				c.idle.Reset(c.idleWindow)
+			}
+		}
+		c.mu.Unlock()
+	}()
+	if status != 0 {
+		rw.WriteHeader(status)
+		return
+	}
+	c.handler.ServeHTTP(rw, req)
+}
+
+// idleCheck closes a connection that had no stream for the idle timeout.
+func (c *h2Conn) idleCheck() {
+	c.mu.Lock()
+	if c.running > 0 || c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.goAway, c.closed = true, true
+	last := c.lastID
+	c.mu.Unlock()
+	c.sendGoAway(last, http2.ErrCodeNo)
+	c.cc.Conn.Close()
+}
+
+// drain sends GOAWAY: streams in flight finish, then the connection
+// closes (at once when there are none).
+func (c *h2Conn) drain() {
+	c.mu.Lock()
+	if c.goAway || c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.goAway = true
+	last, idle := c.lastID, c.running == 0
+	if idle {
+		c.closed = true
+	}
+	c.mu.Unlock()
+	c.sendGoAway(last, http2.ErrCodeNo)
+	if idle {
+		c.cc.Conn.Close()
+	}
+}
+
+// kill closes the connection at once (drain timeout): its streams'
+// upstream requests are canceled.
+func (c *h2Conn) kill() {
+	c.mu.Lock()
+	c.closed = true
+	for _, st := range c.streams {
+		c.endStreamLocked(st, errH2Closed)
+	}
+	c.mu.Unlock()
+	c.cc.Conn.Close()
+}
+
+func (c *h2Conn) goAwayNow(code http2.ErrCode) {
+	c.mu.Lock()
+	c.goAway = true
+	last := c.lastID
+	c.mu.Unlock()
+	c.sendGoAway(last, code)
+}
+
+func (c *h2Conn) sendGoAway(last uint32, code http2.ErrCode) {
+	var p [8]byte
+	binary.BigEndian.PutUint32(p[:4], last)
+	binary.BigEndian.PutUint32(p[4:], uint32(code))
+	c.write(true, func() { c.rawFrame(http2.FrameGoAway, 0, 0, p[:]) })
+}
+
+// end runs when the read loop stops: every stream is ended, and the
+// connection is released once their goroutines have returned.
+func (c *h2Conn) end() {
+	c.mu.Lock()
+	c.closed = true
+	if c.idle != nil {
+		c.idle.Stop()
+	}
+	for _, st := range c.streams {
+		c.endStreamLocked(st, errH2Closed)
+	}
+	c.mu.Unlock()
+	c.cc.Conn.Close() // unblocks writers stuck on a client that stopped reading
+	c.mu.Lock()
+	for c.running > 0 {
+		c.cond.Wait()
+	}
+	c.mu.Unlock()
+	c.wmu.Lock()
+	if c.bw != nil {
+		c.bw.Reset(nil)
+		h2Writers.Put(c.bw)
+		c.bw = nil
+	}
+	c.werr = errH2Closed
+	c.wmu.Unlock()
+	c.s.term().removeH2(c)
+	c.tc.Close()
+}
+
+// write runs fn, which writes frames, under the write lock. flush: then
+// flush, unless another writer is waiting: that one flushes when it is
+// done, even if it writes more to come.
+func (c *h2Conn) write(flush bool, fn func()) error {
+	c.waiting.Add(1)
+	c.wmu.Lock()
+	c.waiting.Add(-1)
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return c.werr
+	}
+	if c.bw == nil {
+		c.bw = h2Writers.Get().(*bufio.Writer)
+		c.bw.Reset(c.tc)
+	}
+	fn()
+	if !flush && !c.owed {
+		return nil
+	}
+	if c.waiting.Load() > 0 {
+		c.owed = true // the next writer out flushes
+		return nil
+	}
+	c.owed = false
+	{
+		if err := c.bw.Flush(); err != nil {
+			c.werr = err
+			return err
+		}
+		c.bw.Reset(nil) // an idle connection holds no write buffer
+		h2Writers.Put(c.bw)
+		c.bw = nil
+	}
+	return nil
+}
+
+// rawFrame writes a frame to bw (under wmu).
+func (c *h2Conn) rawFrame(t http2.FrameType, flags http2.Flags, id uint32, payload ...[]byte) {
+	n := 0
+	for _, p := range payload {
+		n += len(p)
+	}
+	var h [9]byte
+	h[0], h[1], h[2] = byte(n>>16), byte(n>>8), byte(n)
+	h[3], h[4] = byte(t), byte(flags)
+	binary.BigEndian.PutUint32(h[5:], id&(1<<31-1))
+	c.bw.Write(h[:])
+	for _, p := range payload {
+		c.bw.Write(p)
+	}
+}
+
+func (c *h2Conn) settings(ss ...http2.Setting) {
+	p := make([]byte, 0, 6*len(ss))
+	for _, s := range ss {
+		p = binary.BigEndian.AppendUint16(p, uint16(s.ID))
+		p = binary.BigEndian.AppendUint32(p, s.Val)
+	}
+	c.rawFrame(http2.FrameSettings, 0, 0, p)
+}
+
+func (c *h2Conn) windowUpdate(id, inc uint32) {
+	var p [4]byte
+	binary.BigEndian.PutUint32(p[:], inc)
+	c.rawFrame(http2.FrameWindowUpdate, 0, id, p[:])
+}
+
+// headerBlock writes a HEADERS frame (and CONTINUATIONs) for status and
+// h (under wmu); status 0: trailers.
+func (c *h2Conn) headerBlock(id uint32, status int, h http.Header, end bool) {
+	c.hbuf.Reset()
+	if status != 0 {
+		c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: strconv.Itoa(status)})
+	}
+	for k, vv := range h {
+		if strings.HasPrefix(k, http.TrailerPrefix) {
+			if status != 0 {
+				continue
+			}
+			k = k[len(http.TrailerPrefix):]
+		}
+		lk := strings.ToLower(k)
+		switch lk {
+		case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade":
+			continue // not in h2 (RFC 9113 8.2.2)
+		}
+		for _, v := range vv {
+			c.henc.WriteField(hpack.HeaderField{Name: lk, Value: v})
+		}
+	}
+	block := c.hbuf.Bytes()
+	c.mu.Lock()
+	max := c.maxFrame
+	c.mu.Unlock()
+	flags := http2.Flags(0)
+	if end {
+		flags |= http2.FlagHeadersEndStream
+	}
+	t := http2.FrameHeaders
+	for first := true; first || len(block) > 0; first = false {
+		n := min(len(block), max)
+		f := flags
+		if n == len(block) {
+			f |= http2.FlagHeadersEndHeaders
+		}
+		c.rawFrame(t, f, id, block[:n])
+		block = block[n:]
+		t, flags = http2.FrameContinuation, 0
+	}
+}
+
+// h2Body is a request body.
+type h2Body struct{ st *h2StreamState }
+
+func (b *h2Body) Read(p []byte) (int, error) {
+	st := b.st
+	c := st.c
+	c.mu.Lock()
+	if st.expect {
+		st.expect = false
+		c.mu.Unlock()
+		c.write(true, func() { c.headerBlock(st.id, http.StatusContinue, nil, false) })
+		c.mu.Lock()
+	}
+	for len(st.buf) == 0 && !st.bodyEnd && st.bodyErr == nil {
+		c.cond.Wait()
+	}
+	defer c.mu.Unlock()
+	if len(st.buf) > 0 {
+		n := copy(p, st.buf)
+		if st.buf = st.buf[n:]; len(st.buf) == 0 {
+			st.buf = st.buf[:0:0] // let a large upload's buffer go
+		}
+		c.giveBackLocked(st, int64(n))
+		return n, nil
+	}
+	if st.bodyErr != nil {
+		return 0, st.bodyErr
+	}
+	return 0, io.EOF
+}
+
+func (b *h2Body) Close() error {
+	st := b.st
+	st.c.mu.Lock()
+	defer st.c.mu.Unlock()
+	if st.bodyErr == nil && !st.bodyEnd {
+		st.bodyErr = errors.New("http2: request body closed")
+	}
+	if n := int64(len(st.buf)); n > 0 {
+		st.buf = nil
+		st.c.giveBackLocked(nil, n)
+	}
+	return nil
+}
+
+// h2Response is a stream's http.ResponseWriter.
+type h2Response struct {
+	st     *h2StreamState
+	h      http.Header
+	status int  // the final status, once written
+	sent   bool // its HEADERS frame is out
+}
+
+func (w *h2Response) Header() http.Header { return w.h }
+
+func (w *h2Response) WriteHeader(code int) {
+	if w.status != 0 {
+		return
+	}
+	if code >= 100 && code < 200 { // interim: now, with the header as it is
+		c := w.st.c
+		c.write(true, func() { c.headerBlock(w.st.id, code, w.h, false) })
+		return
+	}
+	w.status = code
+}
+
+func (w *h2Response) head(end bool) error {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	w.sent = true
+	c := w.st.c
+	return c.write(end, func() { c.headerBlock(w.st.id, w.status, w.h, end) })
+}
+
+func (w *h2Response) Write(p []byte) (int, error) {
+	if !w.sent {
+		if err := w.head(false); err != nil {
+			return 0, err
+		}
+	}
+	if err := w.data(p, false); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// FlushError sends what was written (http.ResponseController.Flush).
+func (w *h2Response) FlushError() error {
+	if !w.sent {
+		if err := w.head(false); err != nil {
+			return err
+		}
+	}
+	return w.st.c.write(true, func() {})
+}
+
+func (w *h2Response) Flush() { w.FlushError() }
+
+// finish ends the stream after the handler returned: trailers, or END_STREAM.
+func (w *h2Response) finish() {
+	c := w.st.c
+	var trailers http.Header
+	for _, name := range w.h.Values("Trailer") {
+		for _, k := range strings.Split(name, ",") {
+			k = http.CanonicalHeaderKey(strings.TrimSpace(k))
+			if vv := w.h[k]; len(vv) > 0 {
+				if trailers == nil {
+					trailers = http.Header{}
+				}
+				trailers[k] = vv
+			}
+		}
+	}
+	for k, vv := range w.h {
+		if strings.HasPrefix(k, http.TrailerPrefix) {
+			if trailers == nil {
+				trailers = http.Header{}
+			}
+			trailers[k[len(http.TrailerPrefix):]] = vv
+		}
+	}
+	switch {
+	case !w.sent && trailers == nil:
+		w.head(true)
+	case trailers != nil:
+		if !w.sent {
+			if w.head(false) != nil {
+				return
+			}
+		}
+		c.mu.Lock()
+		done := w.st.done
+		c.mu.Unlock()
+		if !done {
+			c.write(true, func() { c.headerBlock(w.st.id, 0, trailers, true) })
+		}
+	default:
+		w.data(nil, true)
+	}
+}
+
+// data sends p as DATA frames within the flow-control windows; end sets
+// END_STREAM on the last.
+func (w *h2Response) data(p []byte, end bool) error {
+	st := w.st
+	c := st.c
+	for {
+		c.mu.Lock()
+		if len(p) > 0 && !st.done && !c.closed && (c.sendWin <= 0 || st.sendWin <= 0) {
+			c.mu.Unlock()
+			c.write(true, func() {}) // what is buffered must reach the client for its window to grow
+			c.mu.Lock()
+			for !st.done && !c.closed && (c.sendWin <= 0 || st.sendWin <= 0) {
+				c.cond.Wait()
+			}
+		}
+		if st.done || c.closed {
+			err := st.bodyErr
+			c.mu.Unlock()
+			if err == nil || errors.Is(err, context.Canceled) {
+				err = errH2Closed
+			}
+			return err
+		}
+		n := int64(min(len(p), c.maxFrame))
+		n = min(n, c.sendWin, st.sendWin)
+		c.sendWin -= n
+		st.sendWin -= n
+		c.mu.Unlock()
+		last := end && int(n) == len(p)
+		flags := http2.Flags(0)
+		if last {
+			flags = http2.FlagDataEndStream
+		}
+		chunk := p[:n]
+		if err := c.write(last, func() { c.rawFrame(http2.FrameData, flags, st.id, chunk) }); err != nil {
+			return err
+		}
+		p = p[n:]
+		if len(p) == 0 {
+			return nil
+		}
+	}
+}
