@@ -366,9 +366,21 @@ func TestH1ParksQuietConnection(t *testing.T) {
 	waitFor(t, func() bool { return parkedH1(r) == 2 })
 
 	// Nothing more on c2: the idle timeout (4 s) closes it while parked.
+	// c1 is used meanwhile, so that its own idle timeout (checked at 1 s
+	// granularity) cannot come due at the same moment.
 	c2.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := br2.ReadByte(); err != io.EOF {
-		t.Errorf("parked connection past the idle timeout: %v, want EOF", err)
+	eof := make(chan error, 1)
+	go func() { _, err := br2.ReadByte(); eof <- err }()
+	for waiting := true; waiting; {
+		select {
+		case err := <-eof:
+			if err != io.EOF {
+				t.Errorf("parked connection past the idle timeout: %v, want EOF", err)
+			}
+			waiting = false
+		case <-time.After(1500 * time.Millisecond):
+			get(c1, br1, "/meanwhile")
+		}
 	}
 	// c1 was used since: still open. A drain closes it at once.
 	get(c1, br1, "/before-drain")
