@@ -96,6 +96,21 @@ const (
 	upAbandoned
 )
 
+// deadlineWriter bounds each write to a client by limits.idle_timeout: a
+// client that stops reading must not hold its connection, goroutine and
+// upstream connection for ever (HAProxy's "timeout client" does the same).
+type deadlineWriter struct {
+	c net.Conn
+	d time.Duration
+}
+
+func (w deadlineWriter) Write(p []byte) (int, error) {
+	if w.d > 0 {
+		w.c.SetWriteDeadline(time.Now().Add(w.d))
+	}
+	return w.c.Write(p)
+}
+
 // stallWriter gives each write of a request body to the upstream the
 // idle timeout to make progress: an upstream that neither reads the body
 // nor answers must not hold the client's request (and its goroutines)
@@ -241,10 +256,11 @@ type h1Conn struct {
 	tc *tls.Conn
 	cc *termConn
 
-	br      *bufio.Reader // held while a request is read; pooled while idle
-	first   [1]byte       // the byte that ended the idle wait
-	pending bool          // first not yet handed to br
-	limit   int64         // bytes left for a request head; < 0: no limit
+	w       deadlineWriter // tc, each write bounded by limits.idle_timeout
+	br      *bufio.Reader  // held while a request is read; pooled while idle
+	first   [1]byte        // the byte that ended the idle wait
+	pending bool           // first not yet handed to br
+	limit   int64          // bytes left for a request head; < 0: no limit
 	body    clientBody
 
 	http11   bool   // the request being served is HTTP/1.1
@@ -299,6 +315,7 @@ func (h *h1Conn) kill() {
 // client or the relay ends it.
 func (s *Server) serveH1(tc *tls.Conn, cc *termConn, rt *route) {
 	h := &h1Conn{s: s, p: rt.term.proxy, tc: tc, cc: cc, limit: -1}
+	h.w = deadlineWriter{tc, s.state0Limits().IdleTimeout.D()}
 	h.clientIP, _, _ = net.SplitHostPort(cc.RemoteAddr().String())
 	if !s.term().addH1(h) {
 		tc.Close()
@@ -736,7 +753,7 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 		return false
 	}
 	keep = !closeAfter && !h.s.term().draining.Load()
-	bw := getWriter(h.tc)
+	bw := getWriter(h.w)
 	defer putWriter(bw)
 	writeStatusLine(bw, resp)
 	removeHopByHop(resp.Header)
@@ -781,6 +798,9 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 	if werr == nil {
 		werr = bw.Flush()
 	}
+	if werr != nil {
+		u.c.Close() // before Body.Close, which would read the rest of the body
+	}
 	resp.Body.Close()
 	h.up.Store(nil)
 	bodyOK := endBody(u, h)
@@ -810,7 +830,7 @@ func (h *h1Conn) interim(resp *http.Response) error {
 		return nil
 	}
 	removeHopByHop(resp.Header)
-	bw := getWriter(h.tc)
+	bw := getWriter(h.w)
 	defer putWriter(bw)
 	writeStatusLine(bw, resp)
 	resp.Header.Write(bw)
@@ -821,7 +841,7 @@ func (h *h1Conn) interim(resp *http.Response) error {
 // tunnel passes the 101 answer on and then copies both ways (WebSocket).
 func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 	defer u.c.Close()
-	bw := getWriter(h.tc)
+	bw := getWriter(h.w)
 	writeStatusLine(bw, resp)
 	resp.Header.Write(bw)
 	bw.WriteString("\r\n")
@@ -839,7 +859,7 @@ func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 		u.tcp.Close()
 		h.cc.Conn.Close()
 	}()
-	io.Copy(h.tc, u.br)
+	io.Copy(h.w, u.br)
 	u.tcp.Close()
 	h.cc.Conn.Close()
 	<-done
@@ -848,7 +868,7 @@ func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 // reply answers with a short error; true when the connection goes on
 // (keep, and the relay is not draining).
 func (h *h1Conn) reply(code int, msg string, keep bool) bool {
-	bw := getWriter(h.tc)
+	bw := getWriter(h.w)
 	defer putWriter(bw)
 	fmt.Fprintf(bw, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", code, http.StatusText(code), len(msg))
 	keep = keep && !h.s.term().draining.Load()
@@ -874,7 +894,7 @@ type clientBody struct {
 func (b *clientBody) Read(p []byte) (int, error) {
 	if b.expect {
 		b.expect = false
-		if _, err := io.WriteString(b.h.tc, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+		if _, err := io.WriteString(b.h.w, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
 			b.err = err
 			return 0, err
 		}
@@ -1007,6 +1027,9 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	upOK, werr := copyBody(h2Writer{w, http.NewResponseController(w)}, resp.Body, u)
 	for k, vv := range resp.Trailer {
 		h[k] = vv
+	}
+	if werr != nil {
+		u.c.Close() // before Body.Close, which would read the rest of the body
 	}
 	resp.Body.Close()
 	bodyOK := endBody(u, x)

@@ -53,7 +53,8 @@ type h2Conn struct {
 	// Frames are written to bw under wmu; the writer that finds no other
 	// waiting flushes.
 	wmu     sync.Mutex
-	bw      *bufio.Writer // from h2Writers while something is unflushed
+	dw      deadlineWriter // tc, each write bounded by limits.idle_timeout
+	bw      *bufio.Writer  // from h2Writers while something is unflushed
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
 	werr    error
@@ -127,6 +128,7 @@ func (c *h2Conn) run() {
 	defer c.end()
 	lim := c.s.state0Limits()
 	c.idleWindow = lim.IdleTimeout.D()
+	c.dw = deadlineWriter{c.tc, c.idleWindow}
 	// The preface and the client's SETTINGS within the hello timeout.
 	c.tc.SetReadDeadline(time.Now().Add(lim.HelloTimeout.D()))
 	var preface [len(http2.ClientPreface)]byte
@@ -635,7 +637,7 @@ func (c *h2Conn) write(flush bool, fn func()) error {
 	}
 	if c.bw == nil {
 		c.bw = h2Writers.Get().(*bufio.Writer)
-		c.bw.Reset(c.tc)
+		c.bw.Reset(c.dw)
 	}
 	fn()
 	if !flush && !c.owed {
@@ -648,7 +650,10 @@ func (c *h2Conn) write(flush bool, fn func()) error {
 	c.owed = false
 	{
 		if err := c.bw.Flush(); err != nil {
+			// A client that stopped reading (or left): every stream
+			// and the read loop end with the connection.
 			c.werr = err
+			c.cc.Conn.Close()
 			return err
 		}
 		c.bw.Reset(nil) // an idle connection holds no write buffer
@@ -806,7 +811,21 @@ func (w *h2Response) head(end bool) error {
 	}
 	w.sent = true
 	c := w.st.c
-	return c.write(end, func() { c.headerBlock(w.st.id, w.status, w.h, end) })
+	var err error
+	werr := c.write(end, func() {
+		c.mu.Lock()
+		done := w.st.done
+		c.mu.Unlock()
+		if done { // reset (by either side): RFC 9113 6.4, no more frames
+			err = errH2Closed
+			return
+		}
+		c.headerBlock(w.st.id, w.status, w.h, end)
+	})
+	if err == nil {
+		err = werr
+	}
+	return err
 }
 
 func (w *h2Response) Write(p []byte) (int, error) {
@@ -887,8 +906,27 @@ func (w *h2Response) data(p []byte, end bool) error {
 			c.mu.Unlock()
 			c.write(true, func() {}) // what is buffered must reach the client for its window to grow
 			c.mu.Lock()
-			for !st.done && !c.closed && (c.sendWin <= 0 || st.sendWin <= 0) {
+			// A client that grants no window for the idle timeout must
+			// not hold the stream (and its upstream connection) for ever.
+			stalled := false
+			var t *time.Timer
+			if c.idleWindow > 0 {
+				t = time.AfterFunc(c.idleWindow, func() {
+					c.mu.Lock()
+					stalled = true
+					c.cond.Broadcast()
+					c.mu.Unlock()
+				})
+			}
+			for !stalled && !st.done && !c.closed && (c.sendWin <= 0 || st.sendWin <= 0) {
 				c.cond.Wait()
+			}
+			if t != nil {
+				t.Stop()
+			}
+			if stalled && !st.done && !c.closed {
+				c.s.log.Debug("http2 client granted no flow-control window for limits.idle_timeout", "client", c.remote, "stream", st.id)
+				c.resetLocked(st, http2.ErrCodeCancel)
 			}
 		}
 		if st.done || c.closed {
