@@ -738,6 +738,27 @@ func (c *h2Conn) headerBlock(id uint32, status int, h http.Header, end bool) {
 	}
 }
 
+// streamHeaders writes a header block on st unless st was reset (by
+// either side: RFC 9113 6.4, no more frames on it); the check is under
+// wmu, so our own RST_STREAM, written under it too, comes after.
+func (c *h2Conn) streamHeaders(st *h2StreamState, status int, h http.Header, end, flush bool) error {
+	var err error
+	werr := c.write(flush, func() {
+		c.mu.Lock()
+		done := st.done
+		c.mu.Unlock()
+		if done {
+			err = errH2Closed
+			return
+		}
+		c.headerBlock(st.id, status, h, end)
+	})
+	if err == nil {
+		err = werr
+	}
+	return err
+}
+
 // h2Body is a request body.
 type h2Body struct{ st *h2StreamState }
 
@@ -748,7 +769,7 @@ func (b *h2Body) Read(p []byte) (int, error) {
 	if st.expect {
 		st.expect = false
 		c.mu.Unlock()
-		c.write(true, func() { c.headerBlock(st.id, http.StatusContinue, nil, false) })
+		c.streamHeaders(st, http.StatusContinue, nil, false, true)
 		c.mu.Lock()
 	}
 	for len(st.buf) == 0 && !st.bodyEnd && st.bodyErr == nil {
@@ -799,7 +820,7 @@ func (w *h2Response) WriteHeader(code int) {
 	}
 	if code >= 100 && code < 200 { // interim: now, with the header as it is
 		c := w.st.c
-		c.write(true, func() { c.headerBlock(w.st.id, code, w.h, false) })
+		c.streamHeaders(w.st, code, w.h, false, true)
 		return
 	}
 	w.status = code
@@ -810,22 +831,7 @@ func (w *h2Response) head(end bool) error {
 		w.status = http.StatusOK
 	}
 	w.sent = true
-	c := w.st.c
-	var err error
-	werr := c.write(end, func() {
-		c.mu.Lock()
-		done := w.st.done
-		c.mu.Unlock()
-		if done { // reset (by either side): RFC 9113 6.4, no more frames
-			err = errH2Closed
-			return
-		}
-		c.headerBlock(w.st.id, w.status, w.h, end)
-	})
-	if err == nil {
-		err = werr
-	}
-	return err
+	return w.st.c.streamHeaders(w.st, w.status, w.h, end, end)
 }
 
 func (w *h2Response) Write(p []byte) (int, error) {
@@ -884,12 +890,7 @@ func (w *h2Response) finish() {
 				return
 			}
 		}
-		c.mu.Lock()
-		done := w.st.done
-		c.mu.Unlock()
-		if !done {
-			c.write(true, func() { c.headerBlock(w.st.id, 0, trailers, true) })
-		}
+		c.streamHeaders(w.st, 0, trailers, true, true)
 	default:
 		w.data(nil, true)
 	}
