@@ -227,6 +227,17 @@ func (p *httpProxy) sweep() {
 	}
 }
 
+// closeIdle closes the connections waiting in the pool.
+func (p *httpProxy) closeIdle() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, u := range p.idle {
+		u.c.Close()
+		p.idle[i] = nil
+	}
+	p.idle = p.idle[:0]
+}
+
 func (p *httpProxy) dial(ctx context.Context) (*upConn, error) {
 	c, err := dialer(p.s.state0Limits().DialTimeout.D()).DialContext(ctx, "tcp", p.addr)
 	if err != nil {

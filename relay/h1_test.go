@@ -457,3 +457,48 @@ func checkStream(t *testing.T, resp *http.Response, goOn func()) {
 		t.Fatalf("rest %q, trailer %v", rest, resp.Trailer)
 	}
 }
+
+// TestReloadClosesIdleUpstreams: a reload gives terminate routes new
+// upstream pools; the idle connections of the old ones are closed then,
+// not left open to the upstream until their idle timeout. Both pools: the
+// relay's own, and net/http's for an upstream URL with a path.
+func TestReloadClosesIdleUpstreams(t *testing.T) {
+	for _, path := range []string{"", "/base"} {
+		t.Run("path="+path, func(t *testing.T) {
+			var closed atomic.Int32
+			up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+			up.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+				if st == http.StateClosed {
+					closed.Add(1)
+				}
+			}
+			up.Start()
+			defer up.Close()
+			r, dial := h1Relay(t, up.URL+path)
+			c, br := dial()
+			io.WriteString(c, "GET / HTTP/1.1\r\nHost: h1.test\r\n\r\n")
+			if resp, body := readResp(t, br, "GET"); resp.StatusCode != 200 || body != "ok" {
+				t.Fatalf("GET: %d %q", resp.StatusCode, body)
+			}
+			c.Close()
+			time.Sleep(200 * time.Millisecond)
+			if n := closed.Load(); n != 0 {
+				t.Fatalf("%d upstream connections closed before the reload, want 0 (pooled)", n)
+			}
+			cfg := baseConfig(config.Route{Match: "h1.test", Terminate: &config.Terminate{Upstream: up.URL + path, TLS: config.TLS{Mode: "internal"}}})
+			if err := r.Reload(cfg); err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(5 * time.Second); closed.Load() == 0; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("the old pool's idle upstream connection is still open 5 s after the reload")
+				}
+			}
+			c2, br2 := dial()
+			io.WriteString(c2, "GET / HTTP/1.1\r\nHost: h1.test\r\n\r\n")
+			if resp, body := readResp(t, br2, "GET"); resp.StatusCode != 200 || body != "ok" {
+				t.Fatalf("GET after the reload: %d %q", resp.StatusCode, body)
+			}
+		})
+	}
+}

@@ -43,6 +43,7 @@ type state struct {
 	original   *route
 	reject     *route
 	names      *routeTable[bool] // every routed name, for the http port redirect
+	closeIdle  []func()          // of terminate routes' upstream pools, called when replaced
 }
 
 func (s *Server) buildState(cfg *config.Config) (*state, error) {
@@ -72,6 +73,9 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 			}
 			if r.term, err = s.newTermRoute(r.label, rc.Terminate, certs); err != nil {
 				return nil, fmt.Errorf("route %s: %w", rc.Match, err)
+			}
+			if r.term.closeIdle != nil {
+				st.closeIdle = append(st.closeIdle, r.term.closeIdle)
 			}
 		}
 		st.table.add(rc.Match, r)

@@ -204,6 +204,12 @@ func (s *Server) Reload(cfg *config.Config) error {
 		return err
 	}
 	old := s.state.Swap(st)
+	// New requests go to the new pools; idle connections of the old ones
+	// would otherwise stay open to the upstreams until their idle timeout.
+	// Connections that kept their old route still return theirs there.
+	for _, f := range old.closeIdle {
+		f()
+	}
 	if old.cfg.Listen != cfg.Listen {
 		s.log.Warn("listen addresses changed; they take effect on restart", "old", old.cfg.Listen, "new", cfg.Listen)
 	}

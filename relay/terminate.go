@@ -28,6 +28,9 @@ type termRoute struct {
 	handler http.Handler // http:// or https:// upstream, for h2 clients
 	proxy   *httpProxy   // the upstream with the relay's own proxy; nil: handler serves all
 	tcpAddr string       // tcp:// upstream
+	// closeIdle closes the idle upstream connections (the route was
+	// replaced by a reload); nil for tcp:// upstreams.
+	closeIdle func()
 }
 
 func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSource) (*termRoute, error) {
@@ -76,6 +79,7 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		}
 		tr.proxy = p
 		tr.handler = p // h2 streams
+		tr.closeIdle = p.closeIdle
 		return tr, nil
 	}
 	// An upstream URL with a path or query: httputil.ReverseProxy joins
@@ -97,6 +101,7 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		DisableCompression: true,
 		TLSClientConfig:    upTLS,
 	}
+	tr.closeIdle = transport.CloseIdleConnections
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
 	tr.handler = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
