@@ -277,6 +277,11 @@ type h1Conn struct {
 	http11   bool   // the request being served is HTTP/1.1
 	clientIP string // for X-Forwarded-For
 
+	// hmu orders the body goroutine's 100 Continue with the answer's
+	// head: never after it, never inside it.
+	hmu       sync.Mutex
+	finalHead bool // the final answer's head is being written
+
 	state atomic.Int32           // h1Active, h1Idle, h1Parked, h1Closed
 	up    atomic.Pointer[upConn] // upstream in use: a hard drain closes it
 	ew    engineWatch            // while parked
@@ -526,6 +531,7 @@ func (h *h1Conn) serve() bool {
 	}
 	h.http11 = req.ProtoAtLeast(1, 1)
 	h.body = clientBody{r: req.Body, h: h}
+	h.finalHead = false
 	if e := req.Header.Get("Expect"); e != "" {
 		if !strings.EqualFold(e, "100-continue") {
 			h.reply(http.StatusExpectationFailed, "unsupported Expect", false)
@@ -750,6 +756,7 @@ func (h *h1Conn) abandonBody() {
 // respond streams resp to the client and puts the upstream connection
 // back when it can carry another request.
 func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgrade string, closeAfter bool) (keep bool) {
+	h.startFinal()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		if upgrade == "" || !strings.EqualFold(resp.Header.Get("Upgrade"), upgrade) {
 			h.up.Store(nil)
@@ -841,12 +848,22 @@ func (h *h1Conn) interim(resp *http.Response) error {
 		return nil
 	}
 	removeHopByHop(resp.Header)
+	h.hmu.Lock()
+	defer h.hmu.Unlock()
 	bw := getWriter(h.w)
 	defer putWriter(bw)
 	writeStatusLine(bw, resp)
 	resp.Header.Write(bw)
 	bw.WriteString("\r\n")
 	return bw.Flush()
+}
+
+// startFinal is called before the final answer's head goes out: a 100
+// Continue not yet sent is not sent any more.
+func (h *h1Conn) startFinal() {
+	h.hmu.Lock()
+	h.finalHead = true
+	h.hmu.Unlock()
 }
 
 // tunnel passes the 101 answer on and then copies both ways (WebSocket).
@@ -879,6 +896,7 @@ func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 // reply answers with a short error; true when the connection goes on
 // (keep, and the relay is not draining).
 func (h *h1Conn) reply(code int, msg string, keep bool) bool {
+	h.startFinal()
 	bw := getWriter(h.w)
 	defer putWriter(bw)
 	fmt.Fprintf(bw, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", code, http.StatusText(code), len(msg))
@@ -905,7 +923,13 @@ type clientBody struct {
 func (b *clientBody) Read(p []byte) (int, error) {
 	if b.expect {
 		b.expect = false
-		if _, err := io.WriteString(b.h.w, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+		b.h.hmu.Lock()
+		var err error
+		if !b.h.finalHead { // an early answer makes it moot
+			_, err = io.WriteString(b.h.w, "HTTP/1.1 100 Continue\r\n\r\n")
+		}
+		b.h.hmu.Unlock()
+		if err != nil {
 			b.err = err
 			return 0, err
 		}
