@@ -104,9 +104,18 @@ func cmdServe(e *env, args []string) error {
 	// Challenges go to whichever ACME manager is current (reloads may
 	// replace it).
 	opts.HTTPChallenges, opts.ALPNChallenges = acmeChallenges{certs}, acmeChallenges{certs}
+	// Listeners from systemd (relay.socket) or from the relay this one
+	// takes over from (handover.go); none: relay.New binds its own.
+	inherited, takeover, err := listenersFor(cfg, log)
+	if err != nil {
+		return err
+	}
+	opts.HTTPSListener, opts.HTTPListener, opts.MetricsListener = inherited["https"], inherited["http"], inherited["metrics"]
 	certs.beginBuild()
 	srv, err := relay.New(opts)
 	if err != nil {
+		inherited.close()
+		takeover.abort() // the running relay keeps serving
 		return fmt.Errorf("start: %w", err)
 	}
 	certs.commitBuild(cfg)
@@ -118,7 +127,7 @@ func cmdServe(e *env, args []string) error {
 	defer cancel()
 	certs.runACME(ctx, mgr, cfg)
 	go watchReload(ctx, cfg.Path, srv, certs, log)
-	return srv.Serve(ctx)
+	return serveHandingOver(ctx, cancel, cfg, srv, takeover, log)
 }
 
 // watchReload reloads on SIGHUP and when the config file changes. The
