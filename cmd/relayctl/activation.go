@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relay-gw/relay/internal/config"
 )
 
 // listenerNames are the names a listener is known by, in systemd's
@@ -27,15 +29,18 @@ func (l inheritedListeners) close() {
 }
 
 // systemdListeners reads the sockets systemd passes (sd_listen_fds(3):
-// LISTEN_PID, LISTEN_FDS from fd 3 on, LISTEN_FDNAMES), named https, http
-// and metrics by FileDescriptorName= in relay.socket. nil without socket
-// activation. The variables are removed so that children do not inherit
-// them.
-func systemdListeners() (inheritedListeners, error) {
-	return listenFDs(os.Getenv, 3, true)
+// LISTEN_PID, LISTEN_FDS from fd 3 on, LISTEN_FDNAMES). A socket named
+// https, http or metrics (FileDescriptorName=) is that listener; one
+// without such a name of its own (one relay.socket with several
+// ListenStream=, which share the unit's name) is the listener whose
+// listen.* address it is bound to. nil
+// without socket activation. The variables are removed so that children
+// do not inherit them.
+func systemdListeners(cfg *config.Config) (inheritedListeners, error) {
+	return listenFDs(cfg, os.Getenv, 3, true)
 }
 
-func listenFDs(getenv func(string) string, first int, unset bool) (inheritedListeners, error) {
+func listenFDs(cfg *config.Config, getenv func(string) string, first int, unset bool) (inheritedListeners, error) {
 	pid, nfds, names := getenv("LISTEN_PID"), getenv("LISTEN_FDS"), getenv("LISTEN_FDNAMES")
 	if pid == "" || nfds == "" {
 		return nil, nil
@@ -54,6 +59,13 @@ func listenFDs(getenv func(string) string, first int, unset bool) (inheritedList
 	}
 	nameList := strings.Split(names, ":")
 	out := inheritedListeners{}
+	fail := func(i int, err error) (inheritedListeners, error) {
+		out.close()
+		for fd := first + i; fd < first+n; fd++ {
+			unix.Close(fd)
+		}
+		return nil, fmt.Errorf("socket activation: %w", err)
+	}
 	for i := 0; i < n; i++ {
 		fd := first + i
 		unix.CloseOnExec(fd)
@@ -61,20 +73,29 @@ func listenFDs(getenv func(string) string, first int, unset bool) (inheritedList
 		if i < len(nameList) {
 			name = nameList[i]
 		}
-		if !knownListener(name) {
-			out.close()
-			unix.Close(fd)
-			return nil, fmt.Errorf("socket activation: socket %d is named %q; name each ListenStream= of relay.socket with FileDescriptorName=https, http or metrics (one socket unit per name, or systemd-socket-activate --fdname=https:http:metrics)", i, name)
+		ln, err := listenerFromFD(fd, "systemd socket "+strconv.Itoa(i))
+		if err != nil {
+			return fail(i+1, err)
+		}
+		// A name shared by several sockets (FileDescriptorName= names
+		// every socket of its unit) says nothing: go by the address.
+		if !knownListener(name) || strings.Count(":"+names+":", ":"+name+":") > 1 {
+			name = ""
+			for _, cand := range listenerNames {
+				if out[cand] == nil && addrMatches(listenAddr(cfg, cand), ln.Addr()) {
+					name = cand
+					break
+				}
+			}
+		}
+		if name == "" {
+			ln.Close()
+			return fail(i+1, fmt.Errorf("the socket on %s is none of listen.https (%s), listen.http (%s), listen.metrics (%s): make relay.socket's ListenStream= the listen addresses, or name it with FileDescriptorName=https, http or metrics",
+				ln.Addr(), cfg.Listen.HTTPS, cfg.Listen.HTTP, cfg.Listen.Metrics))
 		}
 		if out[name] != nil {
-			out.close()
-			unix.Close(fd)
-			return nil, fmt.Errorf("socket activation: two sockets named %q; give each its own FileDescriptorName", name)
-		}
-		ln, err := listenerFromFD(fd, name)
-		if err != nil {
-			out.close()
-			return nil, fmt.Errorf("socket activation: %w", err)
+			ln.Close()
+			return fail(i+1, fmt.Errorf("two sockets for %s (%s and %s)", name, out[name].Addr(), ln.Addr()))
 		}
 		out[name] = ln
 	}

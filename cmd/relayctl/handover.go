@@ -67,7 +67,7 @@ type takeover struct {
 // that relay's (a takeover to commit once the new server is built).
 // Neither: nil, nil, and the relay binds its own.
 func listenersFor(cfg *config.Config, log *slog.Logger) (inheritedListeners, *takeover, error) {
-	sd, err := systemdListeners()
+	sd, err := systemdListeners(cfg)
 	if err != nil {
 		return nil, nil, err
 	}
