@@ -3,9 +3,11 @@
 #   - bin/relayctl -> /usr/local/bin/relayctl
 #   - system user `relay`
 #   - /etc/relay/relay.yaml (only if absent: your config is never overwritten)
-#   - systemd units relay-rules.service (root, steering) and relay.service
-# Then: edit /etc/relay/relay.yaml, `relayctl check`, and
-#   systemctl enable --now relay-rules relay
+#   - systemd units relay-rules.service (root, steering), relay.socket (the
+#     listening sockets, kept across restarts) and relay.service
+# Then: edit /etc/relay/relay.yaml (and relay.socket's ListenStream= if you
+# change listen.*), `relayctl check`, and
+#   systemctl enable --now relay-rules relay.socket relay
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
@@ -31,7 +33,7 @@ YAML
 fi
 /usr/local/bin/relayctl check -c /etc/relay/relay.yaml
 if [ -d /run/systemd/system ] || [ -d /etc/systemd/system ]; then
-	install -m 0644 scripts/systemd/relay-rules.service scripts/systemd/relay.service /etc/systemd/system/
+	install -m 0644 scripts/systemd/relay-rules.service scripts/systemd/relay.socket scripts/systemd/relay.service /etc/systemd/system/
 	command -v systemctl >/dev/null && systemctl daemon-reload 2>/dev/null || true
-	echo "installed units; start with: systemctl enable --now relay-rules relay"
+	echo "installed units; start with: systemctl enable --now relay-rules relay.socket relay"
 fi

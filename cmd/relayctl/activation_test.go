@@ -174,7 +174,7 @@ routes:
 	}
 
 	// A relay started by hand takes the systemd sockets over.
-	fresh := startNewConns(addr, hello, 10*time.Millisecond)
+	fresh := startNewConns(tcpDialer(addr), hello, 10*time.Millisecond)
 	time.Sleep(300 * time.Millisecond)
 	b := startRelayProc(t, "B", []string{relayctlBin, "serve", "-c", cfg})
 	b.waitLog(t, "hand-over done", 60*time.Second)

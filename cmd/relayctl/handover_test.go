@@ -51,15 +51,20 @@ type relayProc struct {
 	err  error // valid after done
 }
 
-func startRelayProc(t *testing.T, name string, argv []string, extraEnv ...string) *relayProc {
+func startRelayProc(t *testing.T, name string, argv []string) *relayProc {
+	t.Helper()
+	// As an ordinary user: the hand-over socket, SO_PEERCRED and the
+	// listeners must work without privilege.
+	return startProc(t, name, argv, os.Geteuid() == 0)
+}
+
+// startProc starts argv; asNobody runs it as uid/gid 65534.
+func startProc(t *testing.T, name string, argv []string, asNobody bool) *relayProc {
 	t.Helper()
 	p := &relayProc{name: name, logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(argv[0], argv[1:]...)
 	p.cmd.Stderr = p.logs
-	p.cmd.Env = append(os.Environ(), extraEnv...)
-	if os.Geteuid() == 0 {
-		// As an ordinary user: the hand-over socket, SO_PEERCRED and the
-		// listeners must work without privilege.
+	if asNobody {
 		p.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	}
 	if err := p.cmd.Start(); err != nil {
@@ -223,10 +228,21 @@ func exchange(c net.Conn, p []byte) error {
 	return nil
 }
 
+// dialer opens a connection to the relay.
+type dialer func() (net.Conn, error)
+
+func tcpDialer(addr string) dialer {
+	return func() (net.Conn, error) { return net.DialTimeout("tcp", addr, 10*time.Second) }
+}
+
 // dialEcho opens a passthrough connection through the relay and checks
 // the echo of the ClientHello.
 func dialEcho(addr string, hello []byte) (net.Conn, error) {
-	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	return dialEchoWith(tcpDialer(addr), hello)
+}
+
+func dialEchoWith(dial dialer, hello []byte) (net.Conn, error) {
+	c, err := dial()
 	if err != nil {
 		return nil, err
 	}
@@ -247,11 +263,11 @@ type longConns struct {
 	wg     sync.WaitGroup
 }
 
-func openLongConns(t *testing.T, addr string, hello []byte, n int, every time.Duration) *longConns {
+func openLongConns(t *testing.T, dial dialer, hello []byte, n int, every time.Duration) *longConns {
 	t.Helper()
 	l := &longConns{stop: make(chan struct{})}
 	for i := 0; i < n; i++ {
-		c, err := dialEcho(addr, hello)
+		c, err := dialEchoWith(dial, hello)
 		if err != nil {
 			l.closeAll()
 			t.Fatalf("long connection %d: %v", i, err)
@@ -313,7 +329,7 @@ type newConns struct {
 	wg     sync.WaitGroup
 }
 
-func startNewConns(addr string, hello []byte, every time.Duration) *newConns {
+func startNewConns(dial dialer, hello []byte, every time.Duration) *newConns {
 	n := &newConns{stop: make(chan struct{})}
 	n.wg.Add(1)
 	go func() {
@@ -330,7 +346,7 @@ func startNewConns(addr string, hello []byte, every time.Duration) *newConns {
 			n.wg.Add(1)
 			go func() {
 				defer n.wg.Done()
-				c, err := dialEcho(addr, hello)
+				c, err := dialEchoWith(dial, hello)
 				if err != nil {
 					n.fail.add("new connection", err)
 					return
@@ -397,9 +413,9 @@ routes:
 
 	a := startRelayProc(t, "A", []string{relayctlBin, "serve", "-c", cfg})
 	waitHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", metrics))
-	long := openLongConns(t, addr, hello, longConnCount, 100*time.Millisecond)
+	long := openLongConns(t, tcpDialer(addr), hello, longConnCount, 100*time.Millisecond)
 	defer long.closeAll()
-	fresh := startNewConns(addr, hello, 10*time.Millisecond)
+	fresh := startNewConns(tcpDialer(addr), hello, 10*time.Millisecond)
 	time.Sleep(time.Second)
 
 	b := startRelayProc(t, "B", []string{relayctlBin, "serve", "-c", cfg})
@@ -475,7 +491,7 @@ routes:
 
 	a := startRelayProc(t, "A", []string{relayctlBin, "serve", "-c", good})
 	waitHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", metrics))
-	fresh := startNewConns(addr, hello, 10*time.Millisecond)
+	fresh := startNewConns(tcpDialer(addr), hello, 10*time.Millisecond)
 	b := startRelayProc(t, "B", []string{relayctlBin, "serve", "-c", bad})
 	select {
 	case <-b.done:

@@ -48,9 +48,9 @@ routes:
 
 	r := startRelayProc(t, "relay", []string{relayctlBin, "serve", "-c", cfg})
 	waitHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", metrics))
-	long := openLongConns(t, addr, hello, longConnCount, 100*time.Millisecond)
+	long := openLongConns(t, tcpDialer(addr), hello, longConnCount, 100*time.Millisecond)
 	defer long.closeAll()
-	fresh := startNewConns(addr, hello, 10*time.Millisecond)
+	fresh := startNewConns(tcpDialer(addr), hello, 10*time.Millisecond)
 
 	served := func(name string) bool {
 		c, err := dialEcho(addr, helloFor[name])
