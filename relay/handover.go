@@ -19,6 +19,13 @@ func (s *Server) StopAccepting() { s.closeListeners() }
 // is right for a shutdown but would reset connections a hand-over already
 // took), or until ctx ends. limits.hello_timeout bounds the wait.
 func (s *Server) WaitHellos(ctx context.Context) {
+	// First let the accept loops admit what they took from the queue
+	// just before StopAccepting: those are not counted yet.
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(100 * time.Millisecond):
+	}
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
