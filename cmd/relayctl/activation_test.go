@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -192,4 +193,94 @@ routes:
 	c.Close()
 	t.Logf("new connections: %d ok", fresh.ok.Load())
 	fresh.fail.check(t, "new connections")
+}
+
+// TestSocketActivationRestart is `systemctl restart relay` with
+// relay.socket, played by the test: it holds the listening sockets as
+// systemd does, stops relay A with SIGTERM while A has open connections
+// and clients keep connecting, and starts relay B on the same sockets
+// once A has exited. Connections that arrive in between wait in the
+// sockets' queue: none is refused or reset, A's connections finish on A.
+func TestSocketActivationRestart(t *testing.T) {
+	dir, state := restartDir(t)
+	up := echoUpstream(t)
+	lns := []net.Listener{listenTCP(t, false), listenTCP(t, false), listenTCP(t, false)}
+	var files []*os.File
+	for _, ln := range lns {
+		f, err := ln.(*net.TCPListener).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	cfg := filepath.Join(dir, "relay.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`
+state_dir: %s
+listen: {https: "%s", http: "%s", metrics: "%s"}
+unknown_sni: reject
+limits: {drain_timeout: 1m}
+routes:
+  - match: echo.test
+    passthrough: %s
+`, state, lns[0].Addr(), lns[1].Addr(), lns[2].Addr(), up)), 0o644)
+	addr := lns[0].Addr().String()
+	hello := clientHello(t, "echo.test")
+	// What systemd does between fork and exec: LISTEN_PID is the
+	// service's own pid.
+	activated := func(name string) *relayProc {
+		p := &relayProc{name: name, logs: &lockedBuffer{}, done: make(chan struct{})}
+		p.cmd = exec.Command("sh", "-c", `LISTEN_PID=$$ exec "$0" serve -c "$1"`, relayctlBin, cfg)
+		p.cmd.Env = append(os.Environ(), "LISTEN_FDS=3", "LISTEN_FDNAMES=relay.socket:relay.socket:relay.socket")
+		p.cmd.ExtraFiles = files
+		p.cmd.Stderr = p.logs
+		if os.Geteuid() == 0 {
+			p.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		}
+		if err := p.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { p.err = p.cmd.Wait(); close(p.done) }()
+		t.Cleanup(func() {
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			<-p.done
+			if t.Failed() {
+				t.Logf("relay %s log:\n%s", p.name, p.logs.String())
+			}
+		})
+		return p
+	}
+
+	a := activated("A")
+	a.waitLog(t, "relay serving", 30*time.Second)
+	long := openLongConns(t, tcpDialer(addr), hello, 300, 100*time.Millisecond)
+	defer long.closeAll()
+	fresh := startNewConns(tcpDialer(addr), hello, 10*time.Millisecond)
+	time.Sleep(500 * time.Millisecond)
+
+	a.cmd.Process.Signal(syscall.SIGTERM) // systemctl restart: stop ...
+	a.waitLog(t, "msg=draining", 30*time.Second)
+	time.Sleep(500 * time.Millisecond)
+	if a.exited() {
+		t.Fatalf("relay A exited (%v) while its connections were open", a.err)
+	}
+	long.finish() // A's connections still work during its drain, then end
+	select {
+	case <-a.done:
+		if a.err != nil {
+			t.Errorf("relay A: %v", a.err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("relay A did not exit after its connections finished")
+	}
+	b := activated("B") // ... then start, on the same sockets
+	b.waitLog(t, "relay serving", 30*time.Second)
+	time.Sleep(500 * time.Millisecond)
+	fresh.finish()
+	t.Logf("new connections: %d ok", fresh.ok.Load())
+	long.fail.check(t, "A's connections")
+	fresh.fail.check(t, "new connections")
+	if strings.Contains(b.logs.String(), "listen https on") {
+		t.Error("relay B bound its own https socket")
+	}
 }

@@ -262,26 +262,54 @@ func checkPeerUID(uc *net.UnixConn) error {
 
 // handoverServer is the running relay's side: it offers srv's listeners
 // to a new relay and, once that one took them, stops accepting and calls
-// stop (which ends Serve: drain, exit).
+// stop (Serve drains and returns).
 type handoverServer struct {
-	ln    *net.UnixListener
-	path  string
-	ino   uint64
-	srv   *relay.Server
-	stop  func()
-	log   *slog.Logger
-	hello time.Duration
-	once  sync.Once
+	ln   *net.UnixListener
+	path string
+	ino  uint64
+	srv  *relay.Server
+	stop func()
+	log  *slog.Logger
+	once sync.Once
 }
 
 // serveHandingOver runs srv: it completes the takeover (if any) once srv
-// accepts, and offers srv's listeners to the next relay until ctx ends or
-// they were handed over (then cancel ends Serve: drain, return).
-func serveHandingOver(ctx context.Context, cancel func(), cfg *config.Config, srv *relay.Server, to *takeover, log *slog.Logger) error {
+// accepts, and offers srv's listeners to the next relay. Serve's drain
+// starts when ctx ends (SIGTERM) or once the listeners were handed over,
+// in both cases only after the connections already accepted are past
+// their ClientHello: the drain closes those that are not, which would
+// reset a client that connected a moment before a restart. endCtx ends
+// ctx (the relay's other work: ACME, the reload watch), so that a relay
+// handed over stops renewing beside its successor.
+func serveHandingOver(ctx context.Context, endCtx func(), cfg *config.Config, srv *relay.Server, to *takeover, log *slog.Logger) error {
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			endCtx()
+			go func() {
+				srv.StopAccepting()
+				lim := cfg.Limits
+				wait := min(lim.HelloTimeout.D()+time.Second, lim.DrainTimeout.D())
+				wctx, wcancel := context.WithTimeout(sctx, wait)
+				srv.WaitHellos(wctx)
+				wcancel()
+				cancel()
+			}()
+		})
+	}
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
+	go func() { served <- srv.Serve(sctx) }()
+	go func() {
+		select {
+		case <-ctx.Done():
+			stop()
+		case <-sctx.Done():
+		}
+	}()
 	to.commit(log)
-	h := serveHandover(ctx, cfg, srv, cancel, log)
+	h := serveHandover(ctx, cfg, srv, stop, log)
 	err := <-served
 	if h != nil {
 		h.close(true)
@@ -316,7 +344,7 @@ func serveHandover(ctx context.Context, cfg *config.Config, srv *relay.Server, s
 		log.Warn("hand-over socket unavailable", "socket", path, "err", err)
 		return nil
 	}
-	h := &handoverServer{ln: ln, path: path, srv: srv, stop: stop, log: log, hello: cfg.Limits.HelloTimeout.D()}
+	h := &handoverServer{ln: ln, path: path, srv: srv, stop: stop, log: log}
 	if fi, err := os.Stat(path); err == nil {
 		h.ino = fi.Sys().(*syscall.Stat_t).Ino
 	}
@@ -324,7 +352,7 @@ func serveHandover(ctx context.Context, cfg *config.Config, srv *relay.Server, s
 		<-ctx.Done()
 		h.close(true)
 	}()
-	go h.run(ctx)
+	go h.run()
 	return h
 }
 
@@ -339,13 +367,13 @@ func (h *handoverServer) close(removeOwn bool) {
 	})
 }
 
-func (h *handoverServer) run(ctx context.Context) {
+func (h *handoverServer) run() {
 	for {
 		c, err := h.ln.AcceptUnix()
 		if err != nil {
 			return
 		}
-		if h.handle(ctx, c) {
+		if h.handle(c) {
 			return
 		}
 	}
@@ -353,7 +381,7 @@ func (h *handoverServer) run(ctx context.Context) {
 
 // handle serves one hand-over request; true when the listeners were
 // handed over (this relay is draining).
-func (h *handoverServer) handle(ctx context.Context, c *net.UnixConn) bool {
+func (h *handoverServer) handle(c *net.UnixConn) bool {
 	defer c.Close()
 	if err := checkPeerUID(c); err != nil {
 		h.log.Warn("hand-over request refused", "err", err)
@@ -403,14 +431,7 @@ func (h *handoverServer) handle(ctx context.Context, c *net.UnixConn) bool {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	io.WriteString(c, handoverOK)
 	h.log.Info("hand-over: the new relay serves; draining", "open_connections", h.srv.OpenConnections())
-	go func() {
-		// Connections still in their ClientHello would be closed by the
-		// drain: let them be routed first.
-		wctx, cancel := context.WithTimeout(ctx, h.hello+time.Second)
-		h.srv.WaitHellos(wctx)
-		cancel()
-		h.stop()
-	}()
+	h.stop()
 	return true
 }
 
