@@ -520,3 +520,41 @@ routes:
 	t.Logf("new connections: %d ok", fresh.ok.Load())
 	fresh.fail.check(t, "new connections")
 }
+
+// TestHandoverOtherUser: listeners go only to a relay of the same user
+// (SO_PEERCRED on both sides); root is no exception.
+func TestHandoverOtherUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: runs the old relay as nobody and the new one as root")
+	}
+	dir, state := restartDir(t)
+	up := echoUpstream(t)
+	https, httpp, metrics := freePort(t), freePort(t), freePort(t)
+	cfg := filepath.Join(dir, "relay.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`
+state_dir: %s
+listen: {https: "127.0.0.1:%d", http: "127.0.0.1:%d", metrics: "127.0.0.1:%d"}
+routes:
+  - match: echo.test
+    passthrough: %s
+`, state, https, httpp, metrics, up)), 0o644)
+	a := startProc(t, "A (nobody)", []string{relayctlBin, "serve", "-c", cfg}, true)
+	waitHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", metrics))
+	b := startProc(t, "B (root)", []string{relayctlBin, "serve", "-c", cfg}, false)
+	select {
+	case <-b.done:
+	case <-time.After(60 * time.Second):
+		t.Fatal("relay B (root) did not fail")
+	}
+	if !strings.Contains(b.logs.String(), "peer runs as uid 65534, not 0") {
+		t.Errorf("relay B (root) failed for another reason:\n%s", b.logs.String())
+	}
+	if a.exited() {
+		t.Fatalf("relay A exited: %v", a.err)
+	}
+	c, err := dialEcho(fmt.Sprintf("127.0.0.1:%d", https), clientHello(t, "echo.test"))
+	if err != nil {
+		t.Fatalf("relay A after the refused hand-over: %v", err)
+	}
+	c.Close()
+}
