@@ -255,7 +255,7 @@ func checkPeerUID(uc *net.UnixConn) error {
 		return fmt.Errorf("read peer credentials: %w", cerr)
 	}
 	if int(cred.Uid) != os.Getuid() {
-		return fmt.Errorf("peer runs as uid %d, not %d: hand-over only between relays of the same user", cred.Uid, os.Getuid())
+		return fmt.Errorf("peer runs as uid %d, not %d: listeners are handed over only between relays of the same user (run relayctl serve as the user of the running relay)", cred.Uid, os.Getuid())
 	}
 	return nil
 }
