@@ -154,7 +154,7 @@ func (s *Server) state0Limits() config.Limits {
 // it returns true.
 func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (detached bool) {
 	lim := s.state.Load().cfg.Limits
-	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, s: s}
+	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, s: s, remote: s.peer(client)}
 	tlsConn := tls.Server(cc, rt.term.tlsConf)
 	client.SetDeadline(time.Now().Add(lim.HelloTimeout.D()))
 	err := tlsConn.Handshake()
@@ -162,7 +162,7 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	s.releaseHandshake()
 	if err != nil {
 		s.m.tlsErrors.WithLabelValues(rt.label).Inc()
-		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "err", err)
+		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", cc.remote, "err", err)
 		return false
 	}
 	s.m.connections.WithLabelValues(rt.label, "terminate").Inc()
@@ -225,8 +225,18 @@ type termConn struct {
 	s       *Server
 	in, out atomic.Int64
 	once    sync.Once
-	counted bool // past the handshake: in relay_active_connections
-	release bool // set before the hand-off to the http server: Close releases the conn
+	counted bool     // past the handshake: in relay_active_connections
+	release bool     // set before the hand-off to the http server: Close releases the conn
+	remote  net.Addr // the client: its PROXY header's source, else the socket's peer
+}
+
+// RemoteAddr is the client's address (X-Forwarded-For, logs), which a
+// trusted proxy's PROXY header may have given.
+func (c *termConn) RemoteAddr() net.Addr {
+	if c.remote != nil {
+		return c.remote
+	}
+	return c.Conn.RemoteAddr()
 }
 
 func (c *termConn) Read(p []byte) (int, error) {
