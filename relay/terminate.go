@@ -31,6 +31,7 @@ type termRoute struct {
 	// closeIdle closes the idle upstream connections (the route was
 	// replaced by a reload); nil for tcp:// upstreams.
 	closeIdle func()
+	auth      *routeAuth // basic_auth, forward_auth; nil = none
 }
 
 func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSource) (*termRoute, error) {
@@ -44,6 +45,12 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 			GetCertificate: certs.GetCertificate,
 			MinVersion:     tls.VersionTLS12,
 		},
+	}
+	if err := clientAuthConfig(tr.tlsConf, t.ClientAuth); err != nil { // mTLS
+		return nil, err
+	}
+	if tr.auth, err = s.newRouteAuth(label, t); err != nil {
+		return nil, err
 	}
 	switch u.Scheme {
 	case "tcp":
@@ -352,6 +359,9 @@ func (s *Server) term() *termServer {
 				rt, _ := r.Context().Value(routeCtxKey{}).(*route)
 				if rt == nil || rt.term == nil || rt.term.handler == nil {
 					http.Error(w, "no route", http.StatusMisdirectedRequest)
+					return
+				}
+				if !s.authorizeHTTP(w, r, rt) {
 					return
 				}
 				rt.term.handler.ServeHTTP(w, r)

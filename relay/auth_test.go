@@ -1,0 +1,180 @@
+package relay
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/relay-gw/relay/internal/config"
+)
+
+// clientCert issues a client certificate (clientAuth usage) for cn from ca.
+func clientCert(t testing.TB, ca *testCA, cn string) tls.Certificate {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: cn, Organization: []string{"Home"}},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+func writePEM(t testing.TB, path, typ string, der []byte) string {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// headersUpstream answers with the request headers it got, as JSON.
+func headersUpstream(t testing.TB) *httptest.Server {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(r.Header)
+	}))
+	t.Cleanup(up.Close)
+	return up
+}
+
+// httpsClient talks to the relay's https port for any name, with h2 or
+// HTTP/1.1 only, presenting certs.
+func httpsClient(r *testRelay, h2 bool, certs ...tls.Certificate) *http.Client {
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: r.ca.pool, Certificates: certs},
+		ForceAttemptHTTP2: h2,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return dialer(5*time.Second).DialContext(ctx, "tcp", r.HTTPSAddr().String())
+		},
+	}
+	if !h2 {
+		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	}
+	return &http.Client{Transport: tr, Timeout: 20 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+}
+
+// seenHeaders GETs url with hdr and decodes the upstream's echo.
+func seenHeaders(t testing.TB, c *http.Client, url string, hdr map[string]string) (http.Header, error) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		return nil, fmt.Errorf("status %d: %s", resp.StatusCode, b)
+	}
+	var h http.Header
+	return h, json.NewDecoder(resp.Body).Decode(&h)
+}
+
+func TestClientAuthMTLS(t *testing.T) {
+	dir := t.TempDir()
+	clientCA := newTestCA(t)
+	caFile := writePEM(t, filepath.Join(dir, "r20-clients-ca.pem"), "CERTIFICATE", clientCA.cert.Raw)
+	alice := clientCert(t, clientCA, "alice")
+	sum := sha256.Sum256(alice.Certificate[0])
+	wantSum := hex.EncodeToString(sum[:])
+	stranger := clientCert(t, newTestCA(t), "mallory") // signed by another CA
+	up := headersUpstream(t)
+	cfg := baseConfig(
+		config.Route{Match: "req.test", Terminate: &config.Terminate{Upstream: up.URL, TLS: config.TLS{Mode: "internal"},
+			ClientAuth: &config.ClientAuth{CA: caFile, Required: true}}},
+		config.Route{Match: "opt.test", Terminate: &config.Terminate{Upstream: up.URL, TLS: config.TLS{Mode: "internal"},
+			ClientAuth: &config.ClientAuth{CA: caFile}}},
+		config.Route{Match: "plain.test", Terminate: &config.Terminate{Upstream: up.URL + "/base", TLS: config.TLS{Mode: "internal"}}},
+	)
+	r := startRelay(t, cfg)
+	spoof := map[string]string{hdrClientCertSubject: "CN=admin", hdrClientCertSHA256: "00"}
+	for _, h2 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("h2=%v", h2), func(t *testing.T) {
+			for _, url := range []string{"https://req.test/", "https://opt.test/"} {
+				h, err := seenHeaders(t, httpsClient(r, h2, alice), url, spoof)
+				if err != nil {
+					t.Fatalf("%s with a certificate: %v", url, err)
+				}
+				if got := h.Values(hdrClientCertSubject); len(got) != 1 || got[0] != "CN=alice,O=Home" {
+					t.Errorf("%s: subject %q, want [CN=alice,O=Home]", url, got)
+				}
+				if got := h.Values(hdrClientCertSHA256); len(got) != 1 || got[0] != wantSum {
+					t.Errorf("%s: sha256 %q, want %s", url, got, wantSum)
+				}
+			}
+			if _, err := seenHeaders(t, httpsClient(r, h2), "https://req.test/", nil); err == nil {
+				t.Error("required client_auth let a client without a certificate in")
+			}
+			if _, err := seenHeaders(t, httpsClient(r, h2, stranger), "https://req.test/", nil); err == nil {
+				t.Error("a certificate of another CA was accepted")
+			}
+			for _, url := range []string{"https://opt.test/", "https://plain.test/"} {
+				h, err := seenHeaders(t, httpsClient(r, h2), url, spoof)
+				if err != nil {
+					t.Fatalf("%s without a certificate: %v", url, err)
+				}
+				if h.Get(hdrClientCertSubject) != "" || h.Get(hdrClientCertSHA256) != "" {
+					t.Errorf("%s: the client's own certificate headers reached the upstream: %v", url, h)
+				}
+			}
+		})
+	}
+
+	t.Run("curl", func(t *testing.T) {
+		if _, err := exec.LookPath("curl"); err != nil {
+			t.Skip("curl not installed (scripts/deps.sh installs it)")
+		}
+		serverCA := writePEM(t, filepath.Join(dir, "r20-server-ca.pem"), "CERTIFICATE", r.ca.cert.Raw)
+		certFile := writePEM(t, filepath.Join(dir, "r20-alice.pem"), "CERTIFICATE", alice.Certificate[0])
+		keyDER, _ := x509.MarshalPKCS8PrivateKey(alice.PrivateKey)
+		keyFile := writePEM(t, filepath.Join(dir, "r20-alice.key"), "PRIVATE KEY", keyDER)
+		_, port, _ := net.SplitHostPort(r.HTTPSAddr().String())
+		curl := func(args ...string) (string, error) {
+			base := []string{"-sS", "--max-time", "20", "--cacert", serverCA, "--resolve", "req.test:" + port + ":127.0.0.1",
+				"-H", hdrClientCertSubject + ": CN=admin"}
+			out, err := exec.Command("curl", append(append(base, args...), "https://req.test:"+port+"/")...).CombinedOutput()
+			return string(out), err
+		}
+		out, err := curl("--cert", certFile, "--key", keyFile)
+		if err != nil {
+			t.Fatalf("curl --cert: %v: %s", err, out)
+		}
+		var h http.Header
+		if err := json.Unmarshal([]byte(out), &h); err != nil || h.Get(hdrClientCertSubject) != "CN=alice,O=Home" || h.Get(hdrClientCertSHA256) != wantSum {
+			t.Errorf("curl --cert: upstream saw %s", out)
+		}
+		if out, err := curl(); err == nil {
+			t.Errorf("curl without a certificate got through: %s", out)
+		}
+	})
+}
