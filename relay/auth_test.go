@@ -24,6 +24,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
+
 	"github.com/relay-gw/relay/internal/config"
 )
 
@@ -177,4 +179,77 @@ func TestClientAuthMTLS(t *testing.T) {
 			t.Errorf("curl without a certificate got through: %s", out)
 		}
 	})
+}
+
+func TestBasicAuth(t *testing.T) {
+	htpasswdBin, err := exec.LookPath("htpasswd")
+	if err != nil {
+		t.Skip("htpasswd not installed (scripts/deps.sh installs apache2-utils)")
+	}
+	dir := t.TempDir()
+	users := filepath.Join(dir, "r20-htpasswd")
+	// Debian's htpasswd -B (bcrypt), and one line from Go's bcrypt.
+	if out, err := exec.Command(htpasswdBin, "-B", "-c", "-b", users, "alice", "s3cret").CombinedOutput(); err != nil {
+		t.Fatalf("htpasswd: %v: %s", err, out)
+	}
+	bob, _ := bcrypt.GenerateFromPassword([]byte("hunter2"), bcrypt.MinCost)
+	f, _ := os.OpenFile(users, os.O_APPEND|os.O_WRONLY, 0)
+	fmt.Fprintf(f, "bob:%s\n", bob)
+	f.Close()
+	up := headersUpstream(t)
+	cfg := baseConfig(config.Route{Match: "ba.test", Terminate: &config.Terminate{Upstream: up.URL, TLS: config.TLS{Mode: "internal"},
+		BasicAuth: &config.BasicAuth{UsersFile: users}}})
+	r := startRelay(t, cfg)
+	status := func(c *http.Client, user, pass string) (int, http.Header) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", "https://ba.test/", nil)
+		if user != "" {
+			req.SetBasicAuth(user, pass)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, resp.Header
+	}
+	for _, h2 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("h2=%v", h2), func(t *testing.T) {
+			c := httpsClient(r, h2)
+			code, h := status(c, "", "")
+			if code != 401 || h.Get("WWW-Authenticate") != `Basic realm="ba.test", charset="UTF-8"` {
+				t.Errorf("no credentials: %d %q", code, h.Get("WWW-Authenticate"))
+			}
+			for _, tc := range []struct {
+				user, pass string
+				want       int
+			}{{"alice", "s3cret", 200}, {"alice", "s3cret", 200}, {"bob", "hunter2", 200}, {"alice", "wrong", 401}, {"nobody", "s3cret", 401}, {"bob", "", 401}} {
+				if code, _ := status(c, tc.user, tc.pass); code != tc.want {
+					t.Errorf("%s:%s: %d, want %d", tc.user, tc.pass, code, tc.want)
+				}
+			}
+		})
+	}
+	// The file is read again when it changes: carol is added, alice removed.
+	if out, err := exec.Command(htpasswdBin, "-B", "-b", users, "carol", "pw").CombinedOutput(); err != nil {
+		t.Fatalf("htpasswd: %v: %s", err, out)
+	}
+	if out, err := exec.Command(htpasswdBin, "-D", users, "alice").CombinedOutput(); err != nil {
+		t.Fatalf("htpasswd -D: %v: %s", err, out)
+	}
+	c := httpsClient(r, false)
+	waitFor(t, func() bool { code, _ := status(c, "carol", "pw"); return code == 200 })
+	if code, _ := status(c, "alice", "s3cret"); code != 401 {
+		t.Errorf("a removed user still gets in: %d", code)
+	}
+	// A broken file keeps the last good one.
+	os.WriteFile(users, []byte("carol:$apr1$notbcrypt\n"), 0o600)
+	time.Sleep(1100 * time.Millisecond) // past the once-a-second check
+	if code, _ := status(c, "carol", "pw"); code != 200 {
+		t.Errorf("an invalid users file replaced the good one: %d", code)
+	}
+	if v := metricValue(r.metricsText(t), `relay_access_denied_total{reason="basic_auth",route="ba.test"}`); v < 8 {
+		t.Errorf("basic_auth denials = %v, want >= 8", v)
+	}
 }
