@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -21,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -251,5 +253,149 @@ func TestBasicAuth(t *testing.T) {
 	}
 	if v := metricValue(r.metricsText(t), `relay_access_denied_total{reason="basic_auth",route="ba.test"}`); v < 8 {
 		t.Errorf("basic_auth denials = %v, want >= 8", v)
+	}
+}
+
+// authServer behaves as Authelia's /api/verify does: 200 with Remote-User
+// and Remote-Groups for a valid session cookie, else 302 to its login page
+// with the original URL in rd.
+func authServer(t testing.TB, seen chan<- http.Header) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case seen <- r.Header.Clone():
+		default:
+		}
+		if c, err := r.Cookie("session"); err == nil && c.Value == "good" {
+			w.Header().Set("Remote-User", "alice")
+			w.Header().Set("Remote-Groups", "admins")
+			w.WriteHeader(http.StatusOK)
+			return
+		}
+		rd := r.Header.Get("X-Forwarded-Proto") + "://" + r.Header.Get("X-Forwarded-Host") + r.Header.Get("X-Forwarded-Uri")
+		w.Header().Set("Set-Cookie", "auth_flow=1; Secure")
+		http.Redirect(w, r, "https://auth.test/?rd="+rd, http.StatusFound)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func TestForwardAuth(t *testing.T) {
+	seen := make(chan http.Header, 64)
+	auth := authServer(t, seen)
+	upCalls := make(chan string, 64)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		upCalls <- r.URL.Path
+		if r.Header.Get("Upgrade") == "websocket" {
+			c, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n%s\n", r.Header.Get("Remote-User"))
+			brw.Flush()
+			return
+		}
+		json.NewEncoder(w).Encode(r.Header)
+	}))
+	defer up.Close()
+	cfg := baseConfig(config.Route{Match: "fa.test", Terminate: &config.Terminate{Upstream: up.URL, TLS: config.TLS{Mode: "internal"},
+		ForwardAuth: &config.ForwardAuth{URL: auth.URL + "/api/verify", CopyHeaders: []string{"Remote-User", "remote-groups"}}}})
+	r := startRelay(t, cfg)
+	drain := func() {
+		for len(seen) > 0 {
+			<-seen
+		}
+	}
+	for _, h2 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("h2=%v", h2), func(t *testing.T) {
+			c := httpsClient(r, h2)
+			drain()
+			// No session: the auth server's 302 to its login page goes
+			// back as it is, and the upstream sees nothing.
+			resp, err := c.Get("https://fa.test/app?x=1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if h2 != (resp.ProtoMajor == 2) {
+				t.Errorf("client spoke %s", resp.Proto)
+			}
+			if resp.StatusCode != 302 || resp.Header.Get("Location") != "https://auth.test/?rd=https://fa.test/app?x=1" ||
+				resp.Header.Get("Set-Cookie") != "auth_flow=1; Secure" || !strings.Contains(string(body), "Found") {
+				t.Errorf("no session: %d %v %q", resp.StatusCode, resp.Header, body)
+			}
+			select {
+			case p := <-upCalls:
+				t.Fatalf("the upstream got %s without a session", p)
+			default:
+			}
+			h := <-seen
+			for k, want := range map[string]string{"X-Forwarded-Method": "GET", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "fa.test",
+				"X-Forwarded-Uri": "/app?x=1", "X-Forwarded-For": "127.0.0.1"} {
+				if got := h.Get(k); got != want {
+					t.Errorf("auth server got %s %q, want %q", k, got, want)
+				}
+			}
+
+			// A session: through, with the auth server's headers (the
+			// client's own Remote-User is not trusted).
+			got, err := seenHeaders(t, c, "https://fa.test/app", map[string]string{"Cookie": "session=good", "Remote-User": "root"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Values("Remote-User")[0] != "alice" || len(got.Values("Remote-User")) != 1 || got.Get("Remote-Groups") != "admins" {
+				t.Errorf("upstream saw Remote-User %q Remote-Groups %q", got.Values("Remote-User"), got.Get("Remote-Groups"))
+			}
+			<-upCalls
+		})
+	}
+	t.Run("websocket", func(t *testing.T) {
+		upgrade := func(cookie string) (*http.Response, *bufio.Reader) {
+			c, err := r.dialTLS(t, "fa.test", r.ca.pool, "http/1.1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: fa.test\r\nCookie: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", cookie)
+			br := bufio.NewReader(c)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return resp, br
+		}
+		if resp, _ := upgrade("session=bad"); resp.StatusCode != 302 {
+			t.Errorf("upgrade without a session: %d, want the auth server's 302", resp.StatusCode)
+		}
+		resp, br := upgrade("session=good")
+		if resp.StatusCode != 101 {
+			t.Fatalf("upgrade with a session: %d", resp.StatusCode)
+		}
+		if line, _ := br.ReadString('\n'); line != "alice\n" {
+			t.Errorf("upstream's Remote-User over the upgrade: %q", line)
+		}
+	})
+	m := r.metricsText(t)
+	if v := metricValue(m, `relay_access_denied_total{reason="forward_auth",route="fa.test"}`); v != 3 {
+		t.Errorf("forward_auth denials = %v, want 3", v)
+	}
+}
+
+func TestForwardAuthDown(t *testing.T) {
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := dead.Addr().String()
+	dead.Close()
+	up := headersUpstream(t)
+	cfg := baseConfig(config.Route{Match: "fa.test", Terminate: &config.Terminate{Upstream: up.URL, TLS: config.TLS{Mode: "internal"},
+		ForwardAuth: &config.ForwardAuth{URL: "http://" + addr + "/verify"}}})
+	r := startRelay(t, cfg)
+	resp, err := httpsClient(r, false).Get("https://fa.test/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("auth server down: %d, want 502 (closed, not open)", resp.StatusCode)
 	}
 }
