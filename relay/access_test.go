@@ -230,3 +230,40 @@ func TestAccessHTTPPort(t *testing.T) {
 		t.Errorf("access denied = %v, want 1", v)
 	}
 }
+
+func TestAccessHTTPPortTransit(t *testing.T) {
+	origin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "origin")
+	}))
+	defer origin.Close()
+	ap := netip.MustParseAddrPort(strings.TrimPrefix(origin.URL, "http://"))
+	cfg := baseConfig()
+	cfg.UnknownSNI = "original"
+	cfg.TransparentAllow = []string{"127.0.0.2"}
+	r := startRelay(t, cfg, func(o *Options) {
+		o.OriginalDst = func(*net.TCPConn) (netip.AddrPort, bool, error) { return ap, true, nil }
+		o.IsLocal = func(netip.Addr) bool { return false }
+	})
+	get := func(src string) (string, error) {
+		tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return fromDialer(src).DialContext(ctx, "tcp", r.HTTPAddr().String())
+		}}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Transport: tr, Timeout: 20 * time.Second}).Get("http://example.org/")
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b), nil
+	}
+	if got, err := get("127.0.0.2"); err != nil || got != "origin" {
+		t.Fatalf("allowed client: %q %v", got, err)
+	}
+	if got, err := get("127.0.0.3"); err == nil {
+		t.Fatalf("other client reached the origin: %q", got)
+	}
+	if v := metricValue(r.metricsText(t), `relay_access_denied_total{reason="not_allowed",route="original"}`); v != 1 {
+		t.Errorf("access denied = %v, want 1", v)
+	}
+}
