@@ -25,10 +25,10 @@ var alertAccessDenied = []byte{0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x31}
 // everyone in. Deny wins over allow; a non-empty allow list refuses
 // everyone not in it.
 type clientRules struct {
-	allow, deny         []netip.Prefix
-	allowLAN, denyLAN   bool
-	lan                 *lanNets
-	hasAllow, anyListed bool
+	allow, deny       []netip.Prefix
+	allowLAN, denyLAN bool
+	lan               *lanNets
+	hasAllow          bool
 }
 
 // newClientRules builds the rules of allow and deny (CIDRs, addresses or
@@ -151,7 +151,7 @@ func interfaceNets(names []string) []netip.Prefix {
 	return out
 }
 
-// accessRules builds the client rules of every route of cfg into st.
+// buildAccess builds the client rules of every route of cfg into st.
 func (st *state) buildAccess(cfg *config.Config) error {
 	lan := &lanNets{ifaces: cfg.Steer.Interfaces}
 	var err error
