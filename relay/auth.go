@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,9 +35,23 @@ const (
 
 // Reasons of relay_access_denied_total for terminate routes' checks.
 const (
+	deniedClientCert  = "client_cert"
 	deniedBasicAuth   = "basic_auth"
 	deniedForwardAuth = "forward_auth"
 )
+
+// certRefused counts a handshake that client_auth failed: no certificate
+// where one is required, or one that does not verify against the CA.
+func (s *Server) certRefused(rt *route, err error) {
+	if rt.term.tlsConf.ClientCAs == nil {
+		return
+	}
+	var cve *tls.CertificateVerificationError
+	// crypto/tls has no error value for a missing certificate, only this text.
+	if errors.As(err, &cve) || strings.Contains(err.Error(), "didn't provide a certificate") {
+		s.m.accessDenied.WithLabelValues(rt.label, deniedClientCert).Inc()
+	}
+}
 
 // routeAuth is what a terminate route checks on every request: HTTP basic
 // credentials and a forward-auth server. nil = nothing.

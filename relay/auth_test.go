@@ -154,6 +154,10 @@ func TestClientAuthMTLS(t *testing.T) {
 		})
 	}
 
+	waitFor(t, func() bool { // no certificate, and another CA's, over h1 and h2
+		return metricValue(r.metricsText(t), `relay_access_denied_total{reason="client_cert",route="req.test"}`) == 4
+	})
+
 	t.Run("curl", func(t *testing.T) {
 		if _, err := exec.LookPath("curl"); err != nil {
 			t.Skip("curl not installed (scripts/deps.sh installs it)")

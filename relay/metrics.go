@@ -57,7 +57,7 @@ func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
 			"route"),
 	}
 	m.accessDenied = metrics.NewCounterVec("relay_access_denied_total",
-		"Clients refused by a route's access rules, by route and reason (deny, not_allowed, basic_auth, forward_auth).",
+		"Clients refused by a route's access rules, by route and reason (deny, not_allowed, client_cert, basic_auth, forward_auth).",
 		"route", "reason")
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)

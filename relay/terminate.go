@@ -169,6 +169,7 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	s.releaseHandshake()
 	if err != nil {
 		s.m.tlsErrors.WithLabelValues(rt.label).Inc()
+		s.certRefused(rt, err) // client_auth: relay_access_denied_total
 		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", cc.remote, "err", err)
 		return false
 	}
