@@ -239,24 +239,31 @@ func (s *Server) clientGone(c net.Conn) {
 // clientAddr is the address of c's client: the PROXY header's source when
 // it came through a trusted proxy, else the socket's peer.
 func (s *Server) clientAddr(c net.Conn) netip.AddrPort {
-	if cs := &s.clients; cs.table.Load() != nil {
-		cs.mu.Lock()
-		cc, ok := cs.conns[c]
-		cs.mu.Unlock()
-		if ok && cc.src.IsValid() {
-			return cc.src
-		}
+	if src, ok := s.proxySource(c); ok {
+		return src
 	}
 	ap, _ := addrPort(c.RemoteAddr())
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-// peer is clientAddr as a net.Addr, for logs, PROXY headers and
-// X-Forwarded-For.
-func (s *Server) peer(c net.Conn) net.Addr {
-	ap := s.clientAddr(c)
-	if !ap.IsValid() {
-		return c.RemoteAddr()
+// proxySource is the source a PROXY header gave for c, if any.
+func (s *Server) proxySource(c net.Conn) (netip.AddrPort, bool) {
+	cs := &s.clients
+	if cs.table.Load() == nil {
+		return netip.AddrPort{}, false
 	}
-	return net.TCPAddrFromAddrPort(ap)
+	cs.mu.Lock()
+	cc, ok := cs.conns[c]
+	cs.mu.Unlock()
+	return cc.src, ok && cc.src.IsValid()
+}
+
+// peer is clientAddr as a net.Addr, for logs, PROXY headers and
+// X-Forwarded-For (the socket's own address when there was no PROXY
+// header: nothing allocated).
+func (s *Server) peer(c net.Conn) net.Addr {
+	if src, ok := s.proxySource(c); ok {
+		return net.TCPAddrFromAddrPort(src)
+	}
+	return c.RemoteAddr()
 }
