@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -245,3 +246,97 @@ func (s *Server) proxyIn(c *net.TCPConn, st *state) (time.Duration, bool) {
 func (st *state) fromProxy(a netip.Addr) bool {
 	return len(st.proxyFrom) > 0 && matchAny(st.proxyFrom, a.Unmap())
 }
+
+// proxyListener reads the PROXY header of connections from
+// listen.proxy_protocol_from peers on the http port before the HTTP server
+// sees them, each on a goroutine of its own bounded by hello_timeout, so
+// that a slow proxy never holds up the accept loop. Other connections
+// pass straight through.
+type proxyListener struct {
+	net.Listener
+	s       *Server
+	results chan acceptResult
+	done    chan struct{}
+	once    sync.Once
+}
+
+type acceptResult struct {
+	c   net.Conn
+	err error
+}
+
+func (s *Server) proxyListener(ln net.Listener) net.Listener {
+	pl := &proxyListener{Listener: ln, s: s, results: make(chan acceptResult), done: make(chan struct{})}
+	go pl.loop()
+	return pl
+}
+
+func (pl *proxyListener) loop() {
+	for {
+		c, err := pl.Listener.Accept()
+		if err != nil {
+			if !pl.deliver(acceptResult{err: err}) || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		st := pl.s.state.Load()
+		tc, ok := c.(*net.TCPConn)
+		peer, _ := addrPort(c.RemoteAddr())
+		if !ok || !st.fromProxy(peer.Addr()) {
+			if !pl.deliver(acceptResult{c: c}) {
+				c.Close()
+				return
+			}
+			continue
+		}
+		go func() {
+			info, err := readProxyHeader(tc, time.Now().Add(st.cfg.Limits.HelloTimeout.D()))
+			if err != nil {
+				pl.s.m.helloErrors.WithLabelValues("proxy_header").Inc()
+				pl.s.log.Debug("proxy header on the http port", "peer", peer, "err", err)
+				c.Close()
+				return
+			}
+			var out net.Conn = tc
+			if !info.local && info.src.IsValid() {
+				out = &proxiedConn{TCPConn: tc, src: net.TCPAddrFromAddrPort(info.src)}
+			}
+			if !pl.deliver(acceptResult{c: out}) {
+				c.Close()
+			}
+		}()
+	}
+}
+
+func (pl *proxyListener) deliver(r acceptResult) bool {
+	select {
+	case pl.results <- r:
+		return true
+	case <-pl.done:
+		return false
+	}
+}
+
+func (pl *proxyListener) Accept() (net.Conn, error) {
+	select {
+	case r := <-pl.results:
+		return r.c, r.err
+	case <-pl.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (pl *proxyListener) Close() error {
+	pl.once.Do(func() { close(pl.done) })
+	return pl.Listener.Close()
+}
+
+// proxiedConn is an http port connection whose client a PROXY header
+// named.
+type proxiedConn struct {
+	*net.TCPConn
+	src net.Addr
+}
+
+func (c *proxiedConn) RemoteAddr() net.Addr { return c.src }

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -313,5 +314,41 @@ func TestProxyProtocolIn(t *testing.T) {
 		if v := metricValue(m, series); v != want {
 			t.Errorf("%s = %v, want %v", series, v, want)
 		}
+	}
+}
+
+func TestProxyProtocolInHTTPPort(t *testing.T) {
+	cfg := baseConfig(config.Route{Match: "nas.test", Passthrough: config.Upstreams{"127.0.0.1:1"}, Allow: []string{"203.0.113.0/24"}})
+	cfg.Listen.ProxyProtocolFrom = []string{"127.0.0.2"}
+	r := startRelay(t, cfg)
+	status := func(src string, hdr string) (int, error) {
+		c, err := fromDialer(src).Dial("tcp", r.HTTPAddr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		io.WriteString(c, hdr+"GET /x HTTP/1.1\r\nHost: nas.test\r\nConnection: close\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return 0, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	if code, err := status("127.0.0.2", "PROXY TCP4 203.0.113.9 192.0.2.1 40000 80\r\n"); code != 308 {
+		t.Errorf("allowed client through the proxy: %d %v, want 308", code, err)
+	}
+	if code, err := status("127.0.0.2", string(proxyHeaderV2(net.TCPAddrFromAddrPort(mustAP("198.51.100.1:4")), mustAP("192.0.2.1:80"), nil))); code != 403 {
+		t.Errorf("other client through the proxy: %d %v, want 403", code, err)
+	}
+	if code, err := status("127.0.0.2", ""); err == nil {
+		t.Errorf("trusted proxy without a header: %d, want the connection closed", code)
+	}
+	if code, err := status("127.0.0.3", "PROXY TCP4 203.0.113.9 192.0.2.1 40000 80\r\n"); code != 400 {
+		t.Errorf("PROXY header from an untrusted peer: %d %v, want 400", code, err)
+	}
+	if v := metricValue(r.metricsText(t), `relay_clienthello_errors_total{reason="proxy_header"}`); v != 1 {
+		t.Errorf("proxy_header errors = %v, want 1", v)
 	}
 }

@@ -241,7 +241,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	var httpSrv, metricsSrv *http.Server
 	if s.httpLn != nil {
 		httpSrv = s.newHTTPPortServer()
-		start(func() error { return ignoreClosed(httpSrv.Serve(s.countingListener(s.httpLn))) })
+		start(func() error { return ignoreClosed(httpSrv.Serve(s.countingListener(s.proxyListener(s.httpLn)))) })
 	}
 	if s.metricLn != nil {
 		mux := http.NewServeMux()
