@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bufio"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -163,9 +162,10 @@ func (a *routeAuth) check(req *http.Request, cs *tls.ConnectionState, client str
 }
 
 // authorizeH1 checks a request of the relay's HTTP/1 proxy loop before
-// its upstream round trip. A refused request has been answered on w (and
-// the connection is to be closed: its body, if any, was not read).
-func (s *Server) authorizeH1(h *h1Conn, req *http.Request) bool {
+// its upstream round trip. A refused request (ok false) has been answered;
+// keep says the connection may serve the next request (the refused one
+// had no body, which would still be unread).
+func (s *Server) authorizeH1(h *h1Conn, req *http.Request) (ok, keep bool) {
 	rt := h.cc.route.term
 	var cs *tls.ConnectionState
 	if rt.tlsConf.ClientCAs != nil { // only mTLS routes have certificates to forward
@@ -174,19 +174,25 @@ func (s *Server) authorizeH1(h *h1Conn, req *http.Request) bool {
 	}
 	d := rt.auth.check(req, cs, clientHost(h.cc.RemoteAddr()))
 	if d == nil {
-		return true
+		return true, false
 	}
-	bw := bufio.NewWriter(h.w)
+	h.startFinal()
+	keep = req.Body == http.NoBody && !req.Close && req.ProtoAtLeast(1, 1) && !s.term().draining.Load()
+	bw := getWriter(h.w)
+	defer putWriter(bw)
 	fmt.Fprintf(bw, "HTTP/1.1 %d %s\r\n", d.code, http.StatusText(d.code))
 	removeHopByHop(d.header)
 	d.header.Del("Content-Length")
 	d.header.Write(bw)
-	fmt.Fprintf(bw, "Content-Length: %d\r\nConnection: close\r\n\r\n", len(d.body))
+	fmt.Fprintf(bw, "Content-Length: %d\r\n", len(d.body))
+	if !keep {
+		bw.WriteString("Connection: close\r\n")
+	}
+	bw.WriteString("\r\n")
 	if req.Method != http.MethodHead {
 		bw.Write(d.body)
 	}
-	bw.Flush()
-	return false
+	return false, keep && bw.Flush() == nil
 }
 
 // authorizeHTTP is authorizeH1 for a handler's request (h2 streams, and

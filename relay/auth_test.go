@@ -23,6 +23,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -237,6 +238,21 @@ func TestBasicAuth(t *testing.T) {
 			}
 		})
 	}
+	// A 401 to a bodiless HTTP/1.1 request keeps the connection: the
+	// browser's retry with credentials needs no new handshake.
+	var dials atomic.Int32
+	kc := httpsClient(r, false)
+	kc.Transport.(*http.Transport).DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
+		dials.Add(1)
+		return dialer(5*time.Second).DialContext(ctx, "tcp", r.HTTPSAddr().String())
+	}
+	if code, _ := status(kc, "", ""); code != 401 {
+		t.Fatalf("no credentials: %d", code)
+	}
+	if code, _ := status(kc, "alice", "s3cret"); code != 200 || dials.Load() != 1 {
+		t.Errorf("after a 401: %d over %d connections, want 200 over 1", code, dials.Load())
+	}
+
 	// The file is read again when it changes: carol is added, alice removed.
 	if out, err := exec.Command(htpasswdBin, "-B", "-b", users, "carol", "pw").CombinedOutput(); err != nil {
 		t.Fatalf("htpasswd: %v: %s", err, out)
