@@ -12,7 +12,8 @@ import (
 
 // clientTableSize bounds the per-client table (limits.per_client): past it
 // the least recently seen client is forgotten, so a flood of spoofed or
-// random sources costs at most this many entries (~80 bytes each, ~5 MB),
+// random sources costs at most this many entries (88 bytes each, 5.5 MiB:
+// BenchmarkClientTableFlood),
 // never more. A forgotten client starts again with a full bucket.
 const clientTableSize = 65536
 

@@ -1,10 +1,12 @@
 package relay
 
 import (
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
@@ -195,4 +197,33 @@ func TestPerClientRate(t *testing.T) {
 	if v := metricValue(r.metricsText(t), `relay_limit_rejections_total{limit="per_client_rate"}`); v != 1 {
 		t.Errorf("per_client_rate rejections = %v, want 1", v)
 	}
+}
+
+// BenchmarkClientTableFlood admits connections from ever new sources (a
+// spoofed-source flood) and reports the table's memory once full.
+func BenchmarkClientTableFlood(b *testing.B) {
+	lim := &config.PerClient{Connections: 8, Rate: 10, Burst: 20}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	tb := newClientTable(clientTableSize)
+	now := time.Unix(1000, 0)
+	var a [4]byte
+	for i := 0; i < clientTableSize; i++ {
+		binary.BigEndian.PutUint32(a[:], uint32(i))
+		tb.admit(keyOf(netip.AddrFrom4(a)), lim, now)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		binary.BigEndian.PutUint32(a[:], uint32(clientTableSize+i))
+		tb.admit(keyOf(netip.AddrFrom4(a)), lim, now)
+	}
+	if len(tb.idx) > clientTableSize {
+		b.Fatalf("table grew to %d", len(tb.idx))
+	}
+	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/clientTableSize, "B/entry")
+	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/(1<<20), "MiB/table")
+	runtime.KeepAlive(tb)
 }
