@@ -12,9 +12,9 @@ import (
 
 // clientTableSize bounds the per-client table (limits.per_client): past it
 // the least recently seen client is forgotten, so a flood of spoofed or
-// random sources costs at most this many entries (88 bytes each, 5.5 MiB:
-// BenchmarkClientTableFlood),
-// never more. A forgotten client starts again with a full bucket.
+// random sources costs at most this many entries, never more (88 bytes
+// each, 5.5 MiB in all: BenchmarkClientTableFlood). A forgotten client
+// starts again with a full bucket.
 const clientTableSize = 65536
 
 // clientKey is a client's address as a limit sees it: IPv4 addresses as
