@@ -547,6 +547,9 @@ func (h *h1Conn) serve() bool {
 	}
 	closeAfter := req.Close // Connection: close, or HTTP/1.0 without keep-alive
 	upgrade := prepareRequest(req, h.clientIP)
+	if ok, keep := h.s.authorizeH1(h, req); !ok { // client_auth headers, basic_auth, forward_auth
+		return keep
+	}
 
 	resp, u, err := h.p.roundTrip(h.s.hardCtx, req, h)
 	if err != nil {

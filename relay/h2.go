@@ -530,6 +530,9 @@ func (c *h2Conn) serveStream(st *h2StreamState, req *http.Request, status int) {
 		rw.WriteHeader(status)
 		return
 	}
+	if !c.s.authorizeH2(c, rw, req) { // client_auth headers, basic_auth, forward_auth
+		return
+	}
 	c.handler.ServeHTTP(rw, req)
 }
 

@@ -19,6 +19,7 @@ type route struct {
 	original      *Server
 	proxyProtocol string
 	term          *termRoute
+	access        *clientRules // allow/deny (transparent_allow for "original"); nil = open
 }
 
 // dial connects to the route's upstream: its pool, or for the "original"
@@ -44,6 +45,7 @@ type state struct {
 	reject     *route
 	names      *routeTable[bool] // every routed name, for the http port redirect
 	closeIdle  []func()          // of terminate routes' upstream pools, called when replaced
+	proxyFrom  []netip.Prefix    // listen.proxy_protocol_from
 }
 
 func (s *Server) buildState(cfg *config.Config) (*state, error) {
@@ -82,6 +84,9 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 		if r.action != "reject" {
 			st.names.add(rc.Match, true)
 		}
+	}
+	if err := st.buildAccess(cfg); err != nil {
+		return nil, err
 	}
 	switch u := cfg.UnknownSNI; u {
 	case "", "original":
@@ -155,12 +160,17 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.m.limitRejections.WithLabelValues("max_handshakes").Inc()
 		return
 	}
-	hello, err := ReadClientHello(tc, lim.HelloTimeout.D(), lim.MaxHelloBytes)
+	helloTimeout, ok := s.proxyIn(tc, st)
+	if !ok {
+		s.releaseHandshake()
+		return
+	}
+	hello, err := ReadClientHello(tc, helloTimeout, lim.MaxHelloBytes)
 	if err != nil {
 		s.releaseHandshake()
 		reason := HelloErrorReason(err)
 		s.m.helloErrors.WithLabelValues(reason).Inc()
-		s.log.Debug("clienthello", "client", c.RemoteAddr(), "reason", reason, "err", err)
+		s.log.Debug("clienthello", "client", s.peer(c), "reason", reason, "err", err)
 		return
 	}
 	if !s.routed(c) {
@@ -174,16 +184,20 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		return
 	}
 	rt := st.resolve(hello.ServerName, transit)
+	if rt.action != "reject" && s.refused(tc, rt, hello.ServerName) {
+		s.releaseHandshake()
+		return false
+	}
 	switch rt.action {
 	case "reject":
 		s.releaseHandshake()
 		s.m.connections.WithLabelValues(rt.label, "reject").Inc()
 		tc.SetWriteDeadline(time.Now().Add(time.Second))
 		tc.Write(alertUnrecognizedName)
-		s.log.Debug("rejected", "route", rt.label, "client", c.RemoteAddr(), "sni", hello.ServerName, "dst", dst)
+		s.log.Debug("rejected", "route", rt.label, "client", s.peer(c), "sni", hello.ServerName, "dst", dst)
 	case "passthrough":
 		s.releaseHandshake()
-		s.log.Debug("passthrough", "route", rt.label, "client", c.RemoteAddr(), "sni", hello.ServerName, "dst", dst, "transit", transit)
+		s.log.Debug("passthrough", "route", rt.label, "client", s.peer(c), "sni", hello.ServerName, "dst", dst, "transit", transit)
 		return s.passthrough(tc, hello, rt, dst)
 	case "terminate":
 		return s.terminate(tc, hello, rt) // releases the handshake slot after the TLS handshake

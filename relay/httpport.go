@@ -32,6 +32,9 @@ func (s *Server) newHTTPPortServer() *http.Server {
 			}
 		}
 		if routed && rt.action != "reject" {
+			if s.refusedHTTP(w, r, rt) {
+				return
+			}
 			s.m.connections.WithLabelValues(label, "redirect").Inc()
 			target := "https://" + host + r.URL.RequestURI()
 			http.Redirect(w, r, target, http.StatusPermanentRedirect)

@@ -24,6 +24,7 @@ type relayMetrics struct {
 	reloads         *metrics.CounterVec // result
 	limitRejections *metrics.CounterVec // limit
 	tlsErrors       *metrics.CounterVec // route
+	accessDenied    *metrics.CounterVec // route, reason
 }
 
 func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
@@ -55,6 +56,9 @@ func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
 			"TLS handshakes that failed on terminate routes, by route.",
 			"route"),
 	}
+	m.accessDenied = metrics.NewCounterVec("relay_access_denied_total",
+		"Clients refused by a route's access rules, by route and reason (deny, not_allowed, client_cert, basic_auth, forward_auth).",
+		"route", "reason")
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)
 	}
@@ -62,7 +66,7 @@ func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
 		m.helloErrors.WithLabelValues(r)
 	}
 	for _, c := range []metrics.Collector{m.connections, m.active, m.bytes, m.helloErrors, m.upstreamErrors,
-		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, splicedCollector{sp}} {
+		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, m.accessDenied, splicedCollector{sp}} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("relay metrics: %w", err)
 		}

@@ -34,12 +34,12 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	})
 	if err != nil {
 		active.Dec()
-		s.log.Warn("upstream unreachable", "route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "err", err)
+		s.log.Warn("upstream unreachable", "route", rt.label, "sni", hello.ServerName, "client", s.peer(client), "err", err)
 		return false
 	}
 	// What the end of the connection needs, not the hello itself: a
 	// connection in the kernel keeps only this.
-	label, sni, clientAddr, helloLen := rt.label, hello.ServerName, client.RemoteAddr(), int64(len(hello.Raw))
+	label, sni, clientAddr, helloLen := rt.label, hello.ServerName, s.peer(client), int64(len(hello.Raw))
 	logWarn := func(msg string, err error) {
 		s.log.Warn(msg, "route", label, "sni", sni, "client", clientAddr, "upstream", addr, "err", err)
 	}
@@ -47,9 +47,9 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	var pre []byte
 	switch rt.proxyProtocol {
 	case "v1":
-		pre = proxyHeaderV1(client.RemoteAddr(), dst)
+		pre = proxyHeaderV1(clientAddr, dst)
 	case "v2":
-		pre = proxyHeaderV2(client.RemoteAddr(), dst, hello)
+		pre = proxyHeaderV2(clientAddr, dst, hello)
 	}
 	pre = append(pre, hello.Raw...)
 	upBytes := s.m.bytes.WithLabelValues(rt.label, "upstream")
@@ -74,7 +74,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 			upBytes.Add(float64(up + helloLen))
 			downBytes.Add(float64(down))
 			logEnd(up, down, err, true)
-			s.releaseHandedOff()
+			s.releaseHandedOff(client)
 		})
 		if err == nil {
 			return true

@@ -80,6 +80,7 @@ type Server struct {
 	closing    bool
 
 	reloadMu sync.Mutex // serializes Reload
+	clients  clients    // per-client limits and PROXY sources
 }
 
 // New builds a Server and opens its listeners. Close (or Serve returning)
@@ -210,7 +211,7 @@ func (s *Server) Reload(cfg *config.Config) error {
 	for _, f := range old.closeIdle {
 		f()
 	}
-	if old.cfg.Listen != cfg.Listen {
+	if !old.cfg.Listen.SameAddrs(cfg.Listen) {
 		s.log.Warn("listen addresses changed; they take effect on restart", "old", old.cfg.Listen, "new", cfg.Listen)
 	}
 	s.m.reloads.WithLabelValues("success").Inc()
@@ -240,7 +241,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	var httpSrv, metricsSrv *http.Server
 	if s.httpLn != nil {
 		httpSrv = s.newHTTPPortServer()
-		start(func() error { return ignoreClosed(httpSrv.Serve(s.countingListener(s.httpLn))) })
+		start(func() error { return ignoreClosed(httpSrv.Serve(s.countingListener(s.proxyListener(s.httpLn)))) })
 	}
 	if s.metricLn != nil {
 		mux := http.NewServeMux()
@@ -386,6 +387,10 @@ func (s *Server) admit(c net.Conn) bool {
 	s.conns.Add(1)
 	s.mu.Unlock()
 	s.trim.conn()
+	if !s.admitClient(c) { // limits.per_client
+		s.release(c)
+		return false
+	}
 	return true
 }
 
@@ -438,7 +443,8 @@ func (s *Server) handOff(c net.Conn) bool {
 	return true
 }
 
-func (s *Server) releaseHandedOff() {
+func (s *Server) releaseHandedOff(c net.Conn) {
+	s.clientGone(c)
 	s.active.Add(-1)
 	s.conns.Done()
 }
@@ -452,6 +458,7 @@ func (s *Server) undetach(c net.Conn) {
 
 func (s *Server) release(c net.Conn) {
 	c.Close()
+	s.clientGone(c)
 	s.mu.Lock()
 	delete(s.tracked, c)
 	s.mu.Unlock()
@@ -482,6 +489,10 @@ func (l *admitListener) Accept() (net.Conn, error) {
 		l.s.routed(c) // http.Server.Shutdown drains these itself
 		if tc, ok := c.(*net.TCPConn); ok {
 			if dst, transit := l.s.destination(tc); transit && l.s.state.Load().unknownSNI == "original" {
+				if l.s.transitRefused(tc) { // transparent_allow
+					l.s.release(c)
+					continue
+				}
 				// Plain HTTP redirected on its way to another host: pass
 				// it on untouched, like unknown TLS names.
 				go func() {

@@ -31,6 +31,7 @@ type termRoute struct {
 	// closeIdle closes the idle upstream connections (the route was
 	// replaced by a reload); nil for tcp:// upstreams.
 	closeIdle func()
+	auth      *routeAuth // basic_auth, forward_auth; nil = none
 }
 
 func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSource) (*termRoute, error) {
@@ -44,6 +45,12 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 			GetCertificate: certs.GetCertificate,
 			MinVersion:     tls.VersionTLS12,
 		},
+	}
+	if err := clientAuthConfig(tr.tlsConf, t.ClientAuth); err != nil { // mTLS
+		return nil, err
+	}
+	if tr.auth, err = s.newRouteAuth(label, t); err != nil {
+		return nil, err
 	}
 	switch u.Scheme {
 	case "tcp":
@@ -154,7 +161,7 @@ func (s *Server) state0Limits() config.Limits {
 // it returns true.
 func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (detached bool) {
 	lim := s.state.Load().cfg.Limits
-	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, s: s}
+	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, s: s, remote: s.peer(client)}
 	tlsConn := tls.Server(cc, rt.term.tlsConf)
 	client.SetDeadline(time.Now().Add(lim.HelloTimeout.D()))
 	err := tlsConn.Handshake()
@@ -162,7 +169,8 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	s.releaseHandshake()
 	if err != nil {
 		s.m.tlsErrors.WithLabelValues(rt.label).Inc()
-		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", client.RemoteAddr(), "err", err)
+		s.certRefused(rt, err) // client_auth: relay_access_denied_total
+		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", cc.remote, "err", err)
 		return false
 	}
 	s.m.connections.WithLabelValues(rt.label, "terminate").Inc()
@@ -225,8 +233,18 @@ type termConn struct {
 	s       *Server
 	in, out atomic.Int64
 	once    sync.Once
-	counted bool // past the handshake: in relay_active_connections
-	release bool // set before the hand-off to the http server: Close releases the conn
+	counted bool     // past the handshake: in relay_active_connections
+	release bool     // set before the hand-off to the http server: Close releases the conn
+	remote  net.Addr // the client: its PROXY header's source, else the socket's peer
+}
+
+// RemoteAddr is the client's address (X-Forwarded-For, logs), which a
+// trusted proxy's PROXY header may have given.
+func (c *termConn) RemoteAddr() net.Addr {
+	if c.remote != nil {
+		return c.remote
+	}
+	return c.Conn.RemoteAddr()
 }
 
 func (c *termConn) Read(p []byte) (int, error) {
@@ -342,6 +360,9 @@ func (s *Server) term() *termServer {
 				rt, _ := r.Context().Value(routeCtxKey{}).(*route)
 				if rt == nil || rt.term == nil || rt.term.handler == nil {
 					http.Error(w, "no route", http.StatusMisdirectedRequest)
+					return
+				}
+				if !s.authorizeHTTP(w, r, rt) {
 					return
 				}
 				rt.term.handler.ServeHTTP(w, r)

@@ -25,6 +25,10 @@ type Config struct {
 	Limits     Limits  `yaml:"limits"`
 	Log        Log     `yaml:"log"`
 	Routes     []Route `yaml:"routes"`
+	// TransparentAllow restricts the unknown_sni: original path (and plain
+	// HTTP passed on to its original destination) to these clients
+	// (CIDRs or "lan"); empty = every client.
+	TransparentAllow []string `yaml:"transparent_allow"`
 
 	lines map[string]int // dotted key path → line, for validation errors
 }
@@ -34,6 +38,16 @@ type Listen struct {
 	HTTP    string `yaml:"http"`    // default ":8080"; "" after defaults never happens, "off" disables
 	HTTPS   string `yaml:"https"`   // default ":8443"
 	Metrics string `yaml:"metrics"` // default "127.0.0.1:9090", "off" disables
+	// ProxyProtocolFrom lists the peers (CIDRs) whose connections to the
+	// https port must begin with a PROXY v1 or v2 header; its source
+	// address is then the client's. Empty = nobody.
+	ProxyProtocolFrom []string `yaml:"proxy_protocol_from"`
+}
+
+// SameAddrs reports whether l and o bind the same addresses (the part of
+// listen that needs a restart).
+func (l Listen) SameAddrs(o Listen) bool {
+	return l.HTTP == o.HTTP && l.HTTPS == o.HTTPS && l.Metrics == o.Metrics
 }
 
 // Steer is read by `relayctl rules apply` only.
@@ -84,7 +98,20 @@ type Limits struct {
 	MaxHandshakes  int      `yaml:"max_handshakes"`  // default 512
 	DrainTimeout   Duration `yaml:"drain_timeout"`   // default 30s
 	DialTimeout    Duration `yaml:"dial_timeout"`    // default 5s
+	// PerClient limits each client address (IPv6 by /64) over all
+	// routes; nil = no per-client limit.
+	PerClient *PerClient `yaml:"per_client"`
 }
+
+// PerClient is limits.per_client. Zero fields are not limited.
+type PerClient struct {
+	Connections int  `yaml:"connections"` // concurrent connections per client
+	Rate        Rate `yaml:"rate"`        // new connections per second ("10/s")
+	Burst       int  `yaml:"burst"`       // token bucket size; default max(1, rate)
+}
+
+// Rate is a number of events per second, written "10/s" (or "600/m").
+type Rate float64
 
 // Log configures log/slog output.
 type Log struct {
@@ -100,6 +127,11 @@ type Route struct {
 	ProxyProtocol string     `yaml:"proxy_protocol"` // "" | v1 | v2
 	Terminate     *Terminate `yaml:"terminate"`
 	Reject        bool       `yaml:"reject"`
+	// Allow and Deny are client address rules (CIDRs, bare addresses or
+	// "lan"): a client in Deny, or not in a non-empty Allow, is refused
+	// before any upstream is dialled.
+	Allow []string `yaml:"allow"`
+	Deny  []string `yaml:"deny"`
 
 	// Line is the line of this route in the file, for error messages.
 	Line int `yaml:"-"`
@@ -127,6 +159,30 @@ type Terminate struct {
 	UpstreamCA string `yaml:"upstream_ca"`
 	// UpstreamInsecure skips verification of an https:// upstream.
 	UpstreamInsecure bool `yaml:"upstream_insecure"`
+
+	ClientAuth  *ClientAuth  `yaml:"client_auth"`  // mTLS; nil = no client certificates asked
+	BasicAuth   *BasicAuth   `yaml:"basic_auth"`   // nil = no HTTP basic auth
+	ForwardAuth *ForwardAuth `yaml:"forward_auth"` // nil = no forward auth
+}
+
+// ClientAuth asks terminate clients for a certificate signed by CA.
+type ClientAuth struct {
+	CA       string `yaml:"ca"`       // PEM bundle of accepted client CAs
+	Required bool   `yaml:"required"` // false: verified if given, else let through
+}
+
+// BasicAuth checks HTTP basic credentials against an htpasswd file with
+// bcrypt hashes (htpasswd -B), reread when it changes.
+type BasicAuth struct {
+	UsersFile string `yaml:"users_file"`
+}
+
+// ForwardAuth asks URL about every request (the protocol of Authelia,
+// Authentik, oauth2-proxy): 2xx lets it through with CopyHeaders copied
+// from the answer; any other answer goes to the client as it is.
+type ForwardAuth struct {
+	URL         string   `yaml:"url"`
+	CopyHeaders []string `yaml:"copy_headers"`
 }
 
 // TLS is `tls: acme | internal | {cert: F, key: F}`.

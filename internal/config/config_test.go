@@ -39,7 +39,7 @@ func TestDefaults(t *testing.T) {
 		c.Limits.DrainTimeout.D() != 30*time.Second || c.Splice != "auto" || c.Steer.BPF != "auto" {
 		t.Errorf("defaults: %+v", c)
 	}
-	if d := Default(); d.Listen != c.Listen {
+	if d := Default(); !d.Listen.SameAddrs(c.Listen) {
 		t.Errorf("Default() differs from an empty file")
 	}
 }

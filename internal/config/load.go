@@ -143,19 +143,25 @@ func yamlError(path string, err error) error {
 // allowed keys mirrors the yaml tags of Config).
 type keySpec map[string]keySpec
 
+// listKeys records the line of each element of a list of scalars.
+var listKeys = keySpec{"[]": nil}
+
 var routeKeys = keySpec{
-	"match": nil, "passthrough": nil, "proxy_protocol": nil, "reject": nil,
-	"terminate": {"upstream": nil, "tls": {"cert": nil, "key": nil}, "upstream_ca": nil, "upstream_insecure": nil},
+	"match": nil, "passthrough": nil, "proxy_protocol": nil, "reject": nil, "allow": listKeys, "deny": listKeys,
+	"terminate": {"upstream": nil, "tls": {"cert": nil, "key": nil}, "upstream_ca": nil, "upstream_insecure": nil,
+		"client_auth": {"ca": nil, "required": nil}, "basic_auth": {"users_file": nil},
+		"forward_auth": {"url": nil, "copy_headers": nil}},
 }
 
 var reflectKeys = keySpec{
-	"user": nil, "state_dir": nil, "unknown_sni": nil, "splice": nil,
-	"listen": {"http": nil, "https": nil, "metrics": nil},
+	"user": nil, "state_dir": nil, "unknown_sni": nil, "splice": nil, "transparent_allow": listKeys,
+	"listen": {"http": nil, "https": nil, "metrics": nil, "proxy_protocol_from": listKeys},
 	"steer":  {"interfaces": nil, "local": nil, "ipv6": nil, "bypass": nil, "bpf": nil, "https_ports": nil, "http_ports": nil, "pin_dir": nil},
 	"acme": {"email": nil, "ca": nil, "ca_root": nil, "dns": nil, "profile": nil, "key_type": nil, "challenges": nil,
 		"eab": {"kid": nil, "hmac_key": nil}},
 	"limits": {"hello_timeout": nil, "max_hello_bytes": nil, "idle_timeout": nil, "max_connections": nil,
-		"max_handshakes": nil, "drain_timeout": nil, "dial_timeout": nil},
+		"max_handshakes": nil, "drain_timeout": nil, "dial_timeout": nil,
+		"per_client": {"connections": nil, "rate": nil, "burst": nil}},
 	"log":    {"level": nil, "format": nil},
 	"routes": {"[]": routeKeys},
 }
@@ -263,6 +269,28 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 
 // MarshalYAML writes the duration as "10s".
 func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// UnmarshalYAML accepts "10/s", "600/m" or a bare number (per second).
+func (r *Rate) UnmarshalYAML(n *yaml.Node) error {
+	bad := fmt.Errorf("line %d: rate %q is not a rate; write connections per second, like \"10/s\"", n.Line, n.Value)
+	if n.Kind != yaml.ScalarNode {
+		return bad
+	}
+	num, unit, _ := strings.Cut(strings.TrimSpace(n.Value), "/")
+	v, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
+	if err != nil || v < 0 {
+		return bad
+	}
+	switch strings.TrimSpace(unit) {
+	case "", "s":
+	case "m":
+		v /= 60
+	default:
+		return bad
+	}
+	*r = Rate(v)
+	return nil
+}
 
 // UnmarshalYAML accepts one address or a list.
 func (u *Upstreams) UnmarshalYAML(n *yaml.Node) error {

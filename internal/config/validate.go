@@ -1,10 +1,13 @@
 package config
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -88,7 +91,9 @@ func (c *Config) line(path string) int {
 }
 
 // Validate checks meaning: addresses, names, enums, cross-references. It
-// does not look at this machine (interfaces, users, files).
+// does not look at this machine (interfaces, users), except for the files
+// that access rules name (client_auth.ca, basic_auth.users_file): a typo
+// there would open or close a route at the next start.
 func (c *Config) Validate() error {
 	var errs Errors
 	add := func(path, msg, fix string) {
@@ -191,6 +196,21 @@ func (c *Config) Validate() error {
 			add(n.key, fmt.Sprintf("%s must be at least 1", n.key), "remove it for the default")
 		}
 	}
+	if pc := l.PerClient; pc != nil {
+		if pc.Connections < 0 || pc.Burst < 0 || pc.Rate < 0 {
+			add("limits.per_client", "limits.per_client: values must not be negative", "write e.g. {connections: 32, rate: 10/s, burst: 20}")
+		}
+		if pc.Burst > 0 && pc.Rate == 0 {
+			add("limits.per_client.burst", "limits.per_client.burst without rate", "add rate: N/s, or remove burst")
+		}
+	}
+	c.checkClientRules("transparent_allow", c.TransparentAllow, add)
+	for i, p := range c.Listen.ProxyProtocolFrom {
+		if _, err := ParsePrefix(p); err != nil {
+			add(fmt.Sprintf("listen.proxy_protocol_from[%d]", i), fmt.Sprintf("listen.proxy_protocol_from %q is not a CIDR or IP address", p),
+				"write the address of the proxy in front, e.g. 203.0.113.7 or 10.0.0.0/8")
+		}
+	}
 	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
 	oneOf("log.format", c.Log.Format, "text", "json")
 
@@ -231,6 +251,8 @@ func (c *Config) Validate() error {
 				add(line("passthrough"), fmt.Sprintf("passthrough[%d] %q: %v", j, u, err), "write host:port, e.g. 192.168.1.20:443")
 			}
 		}
+		c.checkClientRules(line("allow"), r.Allow, add)
+		c.checkClientRules(line("deny"), r.Deny, add)
 		if r.ProxyProtocol != "" {
 			oneOf(line("proxy_protocol"), r.ProxyProtocol, "v1", "v2")
 			if len(r.Passthrough) == 0 {
@@ -253,6 +275,7 @@ func (c *Config) Validate() error {
 					add(line("terminate.upstream"), fmt.Sprintf("terminate.upstream %q has no host", t.Upstream), "write http://host:port")
 				}
 			}
+			c.checkAuth(line("terminate"), t, u, add)
 			switch t.TLS.Mode {
 			case "acme":
 				if strings.HasPrefix(r.Match, "*.") && c.ACME.Email != "" && c.ACME.DNS == "" {
@@ -280,6 +303,88 @@ func (c *Config) Validate() error {
 		return errs
 	}
 	return nil
+}
+
+// LAN is the client rule that stands for the networks of steer.interfaces.
+const LAN = "lan"
+
+// checkClientRules validates an allow/deny list: CIDRs, addresses or lan.
+func (c *Config) checkClientRules(key string, list []string, add func(path, msg, fix string)) {
+	for i, v := range list {
+		if v == LAN {
+			continue
+		}
+		if _, err := ParsePrefix(v); err != nil {
+			add(fmt.Sprintf("%s[%d]", key, i), fmt.Sprintf("%s[%d]: %q is not a CIDR, an IP address or lan", key, i, v),
+				"write e.g. 192.168.1.0/24, 2001:db8::/32, 10.0.0.5 or lan")
+		}
+	}
+}
+
+// checkAuth validates client_auth, basic_auth and forward_auth of a
+// terminate route at key.
+func (c *Config) checkAuth(key string, t *Terminate, up *url.URL, add func(path, msg, fix string)) {
+	httpOnly := func(what string) {
+		if up != nil && up.Scheme == "tcp" {
+			add(key+"."+what, what+" needs an http:// or https:// upstream (it acts on HTTP requests)", "remove it, or proxy HTTP")
+		}
+	}
+	if ca := t.ClientAuth; ca != nil {
+		k := key + ".client_auth"
+		if ca.CA == "" {
+			add(k, "client_auth without ca", "write client_auth: {ca: /etc/relay/clients-ca.pem, required: true}")
+		} else if pem, err := os.ReadFile(ca.CA); err != nil {
+			add(k+".ca", fmt.Sprintf("client_auth.ca %s: %v", ca.CA, errors.Unwrap(err)), "write the path of a PEM file with the CA that signs client certificates")
+		} else if !bytes.Contains(pem, []byte("-----BEGIN CERTIFICATE-----")) {
+			add(k+".ca", fmt.Sprintf("client_auth.ca %s has no PEM certificate in it", ca.CA), "write the path of a PEM file with the CA that signs client certificates")
+		}
+	}
+	if ba := t.BasicAuth; ba != nil {
+		k := key + ".basic_auth"
+		httpOnly("basic_auth")
+		if ba.UsersFile == "" {
+			add(k, "basic_auth without users_file", "write basic_auth: {users_file: /etc/relay/htpasswd} (made with htpasswd -B)")
+		} else if data, err := os.ReadFile(ba.UsersFile); err != nil {
+			add(k+".users_file", fmt.Sprintf("basic_auth.users_file %s: %v", ba.UsersFile, errors.Unwrap(err)), "create it with `htpasswd -B -c FILE USER`")
+		} else if _, err := ParseHtpasswd(data); err != nil {
+			add(k+".users_file", fmt.Sprintf("basic_auth.users_file %s: %v", ba.UsersFile, err), "write each user with `htpasswd -B FILE USER` (bcrypt)")
+		}
+	}
+	if fa := t.ForwardAuth; fa != nil {
+		k := key + ".forward_auth"
+		httpOnly("forward_auth")
+		if u, err := url.Parse(fa.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			add(k+".url", fmt.Sprintf("forward_auth.url %q is not an http:// or https:// URL", fa.URL), "write e.g. http://127.0.0.1:9091/api/verify?rd=https://auth.example.com/")
+		}
+		for _, h := range fa.CopyHeaders {
+			if h == "" || strings.ContainsAny(h, " \t:\r\n") {
+				add(k+".copy_headers", fmt.Sprintf("forward_auth.copy_headers: %q is not a header name", h), "write names like Remote-User")
+			}
+		}
+	}
+}
+
+// ParseHtpasswd parses an htpasswd file of bcrypt hashes into user →
+// hash. Blank lines and # comments are skipped; any other hash (MD5
+// apr1, SHA1, crypt) is an error naming its line, since only bcrypt is
+// worth checking against.
+func ParseHtpasswd(data []byte) (map[string]string, error) {
+	users := map[string]string{}
+	for i, ln := range strings.Split(string(data), "\n") {
+		ln = strings.TrimSpace(ln)
+		if ln == "" || strings.HasPrefix(ln, "#") {
+			continue
+		}
+		user, hash, ok := strings.Cut(ln, ":")
+		if !ok || user == "" {
+			return nil, fmt.Errorf("line %d is not user:hash", i+1)
+		}
+		if len(hash) != 60 || !(strings.HasPrefix(hash, "$2a$") || strings.HasPrefix(hash, "$2b$") || strings.HasPrefix(hash, "$2y$")) {
+			return nil, fmt.Errorf("line %d (user %q) is not a bcrypt hash", i+1, user)
+		}
+		users[user] = hash
+	}
+	return users, nil
 }
 
 // ParsePrefix parses a CIDR or a bare address (taken as a single host).
