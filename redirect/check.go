@@ -31,9 +31,13 @@ func (d Drift) String() string {
 }
 
 // Check compares what is installed with what Apply(o) would install,
-// cheaply: two `iptables -S CHAIN` listings per chain, no iptables-save.
-// It returns what drifted, nothing when all is in place.
-func Check(fams []*Family, o Options) ([]Drift, error) {
+// cheaply: `iptables -S` of the built-in chain (is our jump there, once?)
+// and, when full, of our chain (are its rules ours?); no iptables-save.
+// A chain that is jumped to cannot be deleted, and the tools that rewrite
+// tables (iptables-restore, fw4, `iptables -t nat -F`) drop the jump too,
+// so the jump alone catches them; full also catches our rules edited in
+// place. It returns what drifted, nothing when all is in place.
+func Check(fams []*Family, o Options, full bool) ([]Drift, error) {
 	var out []Drift
 	for _, f := range fams {
 		for _, chain := range []string{ChainPrerouting, ChainOutput} {
@@ -41,7 +45,7 @@ func Check(fams []*Family, o Options) ([]Drift, error) {
 			if len(rules) == 0 {
 				continue
 			}
-			d, err := f.check(chain, rules)
+			d, err := f.check(chain, rules, full)
 			if err != nil {
 				return out, fmt.Errorf("check %s nat %s: %w", f.Name, chain, err)
 			}
@@ -53,7 +57,7 @@ func Check(fams []*Family, o Options) ([]Drift, error) {
 	return out, nil
 }
 
-func (f *Family) check(chain string, rules [][]string) (string, error) {
+func (f *Family) check(chain string, rules [][]string, full bool) (string, error) {
 	hook := builtin(chain)
 	lines, err := f.ipt.List(table, hook)
 	if err != nil {
@@ -67,6 +71,9 @@ func (f *Family) check(chain string, rules [][]string) (string, error) {
 		if l == "-A "+hook+" -j "+chain {
 			jumps++
 		}
+	}
+	if jumps == 1 && !full {
+		return "", nil
 	}
 	have, err := f.ruleBodies(chain)
 	if err != nil {

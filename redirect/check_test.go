@@ -13,7 +13,7 @@ func TestCheckNamesDrift(t *testing.T) {
 	}
 	check := func(want string) {
 		t.Helper()
-		d, err := Check(fams, o)
+		d, err := Check(fams, o, true)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -28,12 +28,17 @@ func TestCheckNamesDrift(t *testing.T) {
 			if _, err := Apply(fams, o, false); err != nil {
 				t.Fatal(err)
 			}
-			if d, _ := Check(fams, o); len(d) != 0 {
+			if d, _ := Check(fams, o, true); len(d) != 0 {
 				t.Fatalf("after re-apply: %v", d)
 			}
 		}
 	}
 	check("")
+	f.chains["RELAY-PREROUTING"] = nil
+	if d, _ := Check(fams, o, false); len(d) != 0 {
+		t.Errorf("a quick check lists our chain: %v", d)
+	}
+	check("rules")
 	f.chains["PREROUTING"] = nil
 	check("jump")
 	f.chains["PREROUTING"] = append(f.chains["PREROUTING"], "-j RELAY-PREROUTING")

@@ -106,7 +106,14 @@ func cmdRules(e *env, args []string) error {
 		if *watch {
 			return watchRules(e, cfg, backend, fams, *asJSON)
 		}
-		if _, _, err := applySteering(cfg, backend, fams, *dryRun, false, rep); err != nil {
+		// A running watcher would put back its own config's steering:
+		// it applies this one instead, so the two never fight.
+		if pid := watcherPID(steeringStatePath(e.getenv)); pid > 0 && !*dryRun {
+			if err := reloadWatcher(steeringStatePath(e.getenv), pid, cfg.Path); err != nil {
+				return err
+			}
+			rep.Warnings = append(rep.Warnings, fmt.Sprintf("applied by `rules apply --watch` (pid %d, sent SIGHUP), which keeps it in place", pid))
+		} else if _, _, err := applySteering(cfg, backend, fams, *dryRun, false, rep); err != nil {
 			return err
 		}
 	case "delete":

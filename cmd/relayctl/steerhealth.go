@@ -44,6 +44,11 @@ type steerState struct {
 	Updated  time.Time             `json:"updated"`  // last check
 	Interval float64               `json:"interval"` // seconds between checks
 	Parts    map[string]*partState `json:"parts"`
+	Config   string                `json:"config"` // the watcher's config file
+	// Reloaded is when the watcher last handled SIGHUP, ReloadError why
+	// it refused the new config.
+	Reloaded    *time.Time `json:"reloaded,omitempty"`
+	ReloadError string     `json:"reload_error,omitempty"`
 }
 
 // partState is one part: ok, repaired (at the last check) or failing.

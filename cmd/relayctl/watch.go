@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -33,7 +34,11 @@ type watcher struct {
 	path    string    // state file
 	st      *steerState
 	log     *slog.Logger
+	checks  int
 }
+
+// fullEvery: one check in this many also lists our chains' rules.
+const fullEvery = 5
 
 // watchRules applies the steering, then keeps it until SIGTERM or SIGINT
 // (or `rules delete`, which sends SIGTERM), and deletes it on the way out.
@@ -46,7 +51,7 @@ func watchRules(e *env, cfg *config.Config, backend string, fams []*redirect.Fam
 	defer unlock()
 	log := newLogger(cfg.Log, e.stderr)
 	w := &watcher{cfg: cfg, backend: backend, fams: fams, path: path, log: log,
-		st: &steerState{PID: os.Getpid(), Interval: watchInterval.Seconds(), Parts: map[string]*partState{}}}
+		st: &steerState{PID: os.Getpid(), Config: absPath(cfg.Path), Interval: watchInterval.Seconds(), Parts: map[string]*partState{}}}
 	rep := &rulesReport{Action: "apply", Backend: backend, BPF: "off"}
 	if err := w.apply(rep); err != nil {
 		return err
@@ -93,18 +98,32 @@ func watchRules(e *env, cfg *config.Config, backend string, fams []*redirect.Fam
 			log.Info("network changed: checking the steering", "event", what)
 			w.check(what)
 		case <-hup:
-			c, err := config.Load(cfg.Path)
-			if err != nil {
-				log.Error("reload refused; the previous steering stays", "err", err)
-				continue
-			}
-			w.cfg = c
-			if err := w.apply(&rulesReport{}); err != nil {
-				log.Error("apply reloaded config", "err", err)
-			}
-			w.check("reload")
+			w.reload()
 		}
 	}
+}
+
+// reload re-reads the config and applies it; the outcome goes to the
+// state file for a waiting `rules apply`.
+func (w *watcher) reload() {
+	w.st.ReloadError = ""
+	c, err := config.Load(w.cfg.Path)
+	if err == nil {
+		prev := w.cfg
+		w.cfg = c
+		if err = w.apply(&rulesReport{}); err != nil {
+			w.cfg = prev
+		}
+	}
+	if err != nil {
+		w.log.Error("reload refused; the previous steering stays", "err", err)
+		w.st.ReloadError = err.Error()
+	} else {
+		w.log.Info("config reloaded and applied", "config", w.cfg.Path)
+	}
+	t := time.Now().UTC()
+	w.st.Reloaded = &t
+	w.check("reload")
 }
 
 // apply installs everything and (re)takes hold of the BPF pins.
@@ -153,12 +172,16 @@ func partOf(family string) string {
 }
 
 // inspect returns what is wrong, by part; parts configured but fine map to "".
-func (w *watcher) inspect() map[string]string {
+func (w *watcher) inspect(full bool) map[string]string {
 	out := map[string]string{}
 	for _, f := range w.fams {
 		out[partOf(f.Name)] = ""
 	}
-	drifts, err := redirect.Check(w.fams, *w.opts)
+	// Our chains' rules are compared every fullEvery checks, and at once
+	// after any event; the jumps every time (see redirect.Check).
+	full = full || w.checks%fullEvery == 0
+	w.checks++
+	drifts, err := redirect.Check(w.fams, *w.opts, full)
 	if err != nil {
 		for p := range out {
 			out[p] = err.Error()
@@ -213,7 +236,7 @@ func bpfCause(err error) string {
 // check inspects, repairs what drifted, and writes the state file.
 func (w *watcher) check(why string) {
 	now := time.Now()
-	found := w.inspect()
+	found := w.inspect(why != "")
 	var iptDrift, bpfDrift bool
 	for p, what := range found {
 		if what == "" {
@@ -225,10 +248,11 @@ func (w *watcher) check(why string) {
 			bpfDrift = true
 		}
 	}
+	after := found
 	if iptDrift || bpfDrift {
 		w.repair(iptDrift, bpfDrift)
+		after = w.inspect(true)
 	}
-	after := w.inspect()
 	for p, what := range found {
 		ps := w.st.Parts[p]
 		if ps == nil {
@@ -313,6 +337,54 @@ func dirOf(path string) string {
 		return path[:i]
 	}
 	return "."
+}
+
+// watcherPID returns the pid of the watcher holding path's lock, 0 when none.
+func watcherPID(path string) int {
+	f, err := os.Open(path + ".lock")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	if syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB) == nil {
+		return 0
+	}
+	b, _ := os.ReadFile(path + ".lock")
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// reloadWatcher has the running watcher re-read its config (SIGHUP) and
+// waits until it has checked the steering since. The watcher reads its
+// own config file: a different -c is refused rather than reverted.
+func reloadWatcher(path string, pid int, cfgPath string) error {
+	st, err := readSteerState(path)
+	if err != nil {
+		return fmt.Errorf("read watcher state: %w", err)
+	}
+	if a, b := absPath(st.Config), absPath(cfgPath); a != b {
+		return fmt.Errorf("`rules apply --watch` (pid %d) keeps the steering of %s, not %s: edit that file and run `rules apply -c %s` (or systemctl reload relay-rules), or stop the watcher first", pid, st.Config, cfgPath, st.Config)
+	}
+	start := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+		return fmt.Errorf("signal watcher pid %d: %w", pid, err)
+	}
+	for deadline := start.Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if st, err := readSteerState(path); err == nil && st.Reloaded != nil && st.Reloaded.After(start) {
+			if st.ReloadError != "" {
+				return fmt.Errorf("the watcher (pid %d) refused the config: %s", pid, st.ReloadError)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("the watcher (pid %d) did not apply the config within 30 s: see its log (journalctl -u relay-rules)", pid)
+}
+
+func absPath(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
 }
 
 // stopWatcher tells a running watcher to stop (SIGTERM: it deletes its

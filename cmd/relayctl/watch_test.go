@@ -335,6 +335,26 @@ func TestWatchSIGTERM(t *testing.T) {
 	if err == nil || !strings.Contains(string(second), "another `rules apply --watch` runs") {
 		t.Errorf("second watcher: %v %s", err, second)
 	}
+	// A plain `rules apply` of a changed config is not reverted: the
+	// watcher is told to re-read its config.
+	os.WriteFile(w.cfg, []byte(strings.Replace(mustRead(t, w.cfg), "{bpf: on,", "{bypass: [10.10.9.9/32], bpf: on,", 1)), 0o644)
+	if out := w.run(t, "gw", relayctlBin, "rules", "apply", "-c", w.cfg); !strings.Contains(out, "applied by `rules apply --watch`") {
+		t.Errorf("rules apply while watching:\n%s", out)
+	}
+	if !strings.Contains(out.String(), "config reloaded and applied") {
+		t.Errorf("the watcher did not reload:\n%s", out.String())
+	}
+	other := w.writeConfig(t, "other.yaml", mustRead(t, w.cfg))
+	if o, err := w.in("gw", relayctlBin, "rules", "apply", "-c", other).CombinedOutput(); err == nil || !strings.Contains(string(o), "keeps the steering of "+w.cfg) {
+		t.Errorf("rules apply of another config while watching: %v\n%s", err, o)
+	}
+	time.Sleep(2500 * time.Millisecond) // a check or more
+	if s := w.save(t, "iptables-save"); !strings.Contains(s, "-d 10.10.9.9/32 -j RETURN") {
+		t.Errorf("the watcher reverted a deliberate apply:\n%s", s)
+	}
+	if strings.Contains(out.String(), "steering repaired") {
+		t.Errorf("the watcher counted a deliberate apply as drift:\n%s", out.String())
+	}
 	watch.Process.Signal(syscall.SIGTERM)
 	if err := watch.Wait(); err != nil {
 		t.Errorf("exit after SIGTERM: %v\n%s", err, out.String())
