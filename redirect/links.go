@@ -94,3 +94,18 @@ func WatchLinks(ctx context.Context, names []string, event func(what string)) er
 	}()
 	return nil
 }
+
+// DefaultGateway returns the next hop of this network namespace's IPv4
+// default route, as a LAN host sees its gateway.
+func DefaultGateway() (net.IP, error) {
+	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	for _, r := range routes {
+		if (r.Dst == nil || r.Dst.IP.IsUnspecified()) && r.Gw != nil {
+			return r.Gw, nil
+		}
+	}
+	return nil, fmt.Errorf("no IPv4 default route in this network namespace: give the gateway's address with --addr")
+}

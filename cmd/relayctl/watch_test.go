@@ -287,6 +287,11 @@ func TestWatchRepairsDrift(t *testing.T) {
 		t.Errorf("relayctl stats lacks the steering health:\n%s", out)
 	}
 
+	// From the gateway itself, sk_lookup steers 127.0.0.1:443 and :80.
+	if out, err := w.in("gw", relayctlBin, "selftest", "-c", w.cfg).CombinedOutput(); err != nil || !strings.Contains(string(out), "selftest: all checks passed") {
+		t.Errorf("selftest from the gateway after the repairs: %v\n%s", err, out)
+	}
+
 	t.Run("rules delete while watching", func(t *testing.T) {
 		out := w.run(t, "gw", relayctlBin, "rules", "delete", "-c", w.cfg)
 		if !strings.Contains(out, "stopped `rules apply --watch`") {
