@@ -123,6 +123,9 @@ func cmdSelftest(e *env, args []string) error {
 			st.target = gw
 		}
 	}
+	if nsPath == "" && *addr == "" && cfg.Steer.BPF == "off" && !cfg.Steer.Local {
+		fmt.Fprintln(e.stderr, "warning: with steer.bpf: off and steer.local: false nothing steers this host's own connections to 127.0.0.1:"+st.httpsP+"; run the selftest --from a client namespace (or set steer.local: true)")
+	}
 	st.roots = selftestRoots(cfg)
 	rep := st.run()
 	rep.From = *from
