@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -72,6 +73,12 @@ func watchRules(e *env, cfg *config.Config, backend string, fams []*redirect.Fam
 	}()
 	w.check("start")
 	log.Info("watching the steering", "every", watchInterval, "state", path, "parts", strings.Join(sortedParts(w.st), ","))
+	// Type=notify: relay.service (After=relay-rules) starts once the
+	// steering is in place.
+	if err := sdNotify(e.getenv("NOTIFY_SOCKET"), "READY=1"); err != nil {
+		log.Warn("tell systemd the steering is ready", "err", err)
+	}
+	defer sdNotify(e.getenv("NOTIFY_SOCKET"), "STOPPING=1")
 
 	events := make(chan string, 1)
 	if err := redirect.WatchLinks(e.ctx, cfg.Steer.Interfaces, func(what string) {
@@ -307,6 +314,23 @@ func (w *watcher) repair(ipt, bpfDrift bool) {
 			w.log.Error("re-apply iptables steering", "err", err)
 		}
 	}
+}
+
+// sdNotify sends state to systemd's notification socket, if there is one.
+func sdNotify(socket, state string) error {
+	if socket == "" {
+		return nil
+	}
+	if socket[0] == '@' {
+		socket = "\x00" + socket[1:] // abstract namespace
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: socket, Net: "unixgram"})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = c.Write([]byte(state))
+	return err
 }
 
 // lockWatcher makes sure one watcher runs per state file: it holds an

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -335,7 +336,19 @@ func TestWatchSIGTERM(t *testing.T) {
 	}
 	w := newWatchNet(t, "s", "{bpf: on, pin_dir: PINS}")
 	before4 := w.save(t, "iptables-save")
+	sock := filepath.Join(w.dir, "notify.sock")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	t.Setenv("NOTIFY_SOCKET", sock)
 	watch, out := w.startWatch(t, partV4, partV6, partSkLookup)
+	notify.SetReadDeadline(time.Now().Add(30 * time.Second))
+	buf := make([]byte, 64)
+	if n, err := notify.Read(buf); err != nil || string(buf[:n]) != "READY=1" {
+		t.Errorf("systemd notification: %q %v, want READY=1", buf[:n], err)
+	}
 	second, err := w.in("gw", relayctlBin, "rules", "apply", "--watch", "-c", w.cfg).CombinedOutput()
 	if err == nil || !strings.Contains(string(second), "another `rules apply --watch` runs") {
 		t.Errorf("second watcher: %v %s", err, second)
