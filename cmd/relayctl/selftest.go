@@ -301,17 +301,17 @@ func (st *selftest) run() *stReport {
 	for i := range st.cfg.Routes {
 		r := &st.cfg.Routes[i]
 		name := probeName(r.Match)
-		rep.Probes = append(rep.Probes, st.probeTLS(r, name, r.Match, false))
+		rep.Probes = append(rep.Probes, st.probeTLS(r, name, r.Match, ""))
 		if !pqDone && !r.Reject {
 			pqDone = true
-			rep.Probes = append(rep.Probes, st.probeTLS(r, name, r.Match, true))
+			rep.Probes = append(rep.Probes, st.probeTLS(r, name, r.Match, variantRecords), st.probeTLS(r, name, r.Match, variantSegment))
 		}
 		if st.cfg.Listen.HTTP != "off" && !r.Reject {
 			rep.Probes = append(rep.Probes, st.probeHTTP(r, name))
 		}
 	}
-	rep.Probes = append(rep.Probes, st.probeTLS(nil, "", "(no SNI)", false))
-	rep.Probes = append(rep.Probes, st.probeTLS(nil, "selftest-unknown.invalid", "(unknown name)", false))
+	rep.Probes = append(rep.Probes, st.probeTLS(nil, "", "(no SNI)", ""))
+	rep.Probes = append(rep.Probes, st.probeTLS(nil, "selftest-unknown.invalid", "(unknown name)", ""))
 	for i := range rep.Probes {
 		p := &rep.Probes[i]
 		p.OK = true
@@ -323,13 +323,21 @@ func (st *selftest) run() *stReport {
 	return rep
 }
 
+// Variants of the ClientHello's delivery.
+const (
+	variantRecords = "2-records"      // split across two TLS records (post-quantum sized)
+	variantSegment = "1-byte-segment" // its first byte alone in the first TCP segment
+)
+
 // splitConn sends the first TLS record written (the ClientHello) as two
-// records, as a client with a post-quantum key share may: routers that
-// read one record lose the SNI.
+// records, as a client with a post-quantum key share may (routers that
+// read one record lose the SNI), or with its first byte alone in a TCP
+// segment (routers that read one segment lose it).
 type splitConn struct {
 	net.Conn
-	done  bool
-	hello int
+	variant string
+	done    bool
+	hello   int
 }
 
 func (c *splitConn) Write(b []byte) (int, error) {
@@ -337,6 +345,17 @@ func (c *splitConn) Write(b []byte) (int, error) {
 		return c.Conn.Write(b)
 	}
 	c.done = true
+	if c.variant == variantSegment {
+		c.hello = int(b[3])<<8 | int(b[4])
+		if _, err := c.Conn.Write(b[:1]); err != nil { // Go sets TCP_NODELAY: a segment of its own
+			return 0, err
+		}
+		time.Sleep(50 * time.Millisecond)
+		if _, err := c.Conn.Write(b[1:]); err != nil {
+			return 1, err
+		}
+		return len(b), nil
+	}
 	n := int(b[3])<<8 | int(b[4])
 	if 5+n > len(b) || n < 2 {
 		return c.Conn.Write(b)
@@ -372,10 +391,10 @@ func (st *selftest) expectedUnknown() (route, action string) {
 	}
 }
 
-func (st *selftest) probeTLS(r *config.Route, sni, label string, twoRecords bool) stProbe {
+func (st *selftest) probeTLS(r *config.Route, sni, label, variant string) stProbe {
 	p := stProbe{Route: label, Probe: "https", SNI: sni}
-	if twoRecords {
-		p.Probe = "https-2-records"
+	if variant != "" {
+		p.Probe = "https-" + variant
 	}
 	wantRoute, wantAction := st.expectedUnknown()
 	if r != nil {
@@ -391,12 +410,12 @@ func (st *selftest) probeTLS(r *config.Route, sni, label string, twoRecords bool
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	var raw net.Conn = conn
-	split := &splitConn{Conn: conn}
-	if twoRecords {
+	split := &splitConn{Conn: conn, variant: variant}
+	if variant != "" {
 		raw = split
 	}
 	tcfg := &tls.Config{ServerName: sni, InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}}
-	if twoRecords {
+	if variant == variantRecords {
 		tcfg.CurvePreferences = []tls.CurveID{tls.X25519MLKEM768}
 	}
 	tc := tls.Client(raw, tcfg)
@@ -410,8 +429,11 @@ func (st *selftest) probeTLS(r *config.Route, sni, label string, twoRecords bool
 	moved := st.observe(before, connKey(wantRoute, wantAction))
 	steered := len(moved) > 0
 	how := "relay counted " + describe(moved)
-	if twoRecords {
+	switch variant {
+	case variantRecords:
 		how = fmt.Sprintf("ClientHello of %d bytes (X25519MLKEM768 key share) sent as 2 records; %s", split.hello, how)
+	case variantSegment:
+		how = fmt.Sprintf("ClientHello of %d bytes, its first byte alone in the first TCP segment; %s", split.hello, how)
 	}
 	if !p.add("steered into the relay", steered, how,
 		fmt.Sprintf("the relay did not see a connection to %s: check `sudo relayctl rules show` (chains, jumps, sk_lookup) or run `sudo relayctl rules apply --watch`", addr)) {

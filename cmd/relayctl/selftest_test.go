@@ -32,6 +32,7 @@ func TestSelftest(t *testing.T) {
 		"ok   upstream's own certificate: same certificate as 10.10.2.2:8444",
 		"PASS  alt.test  https-2-records",
 		"sent as 2 records",
+		"PASS  alt.test  https-1-byte-segment",
 		"PASS  web.test  https",
 		"ok   certificate valid for the name",
 		"ok   upstream reached: GET / answered 200",
@@ -47,7 +48,7 @@ func TestSelftest(t *testing.T) {
 	}
 	js, err := selftest("-c", w.cfg, "--json")
 	var rep stReport
-	if err != nil || json.Unmarshal([]byte(js), &rep) != nil || !rep.OK || len(rep.Probes) < 7 {
+	if err != nil || json.Unmarshal([]byte(js), &rep) != nil || !rep.OK || len(rep.Probes) < 8 {
 		t.Errorf("--json: %v %+v\n%s", err, rep, js)
 	}
 
