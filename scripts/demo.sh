@@ -25,6 +25,7 @@ export RELAY_NS_PREFIX=relaydemo
 C=/run/netns/$RELAY_NS_PREFIX-client G=/run/netns/$RELAY_NS_PREFIX-gw U=/run/netns/$RELAY_NS_PREFIX-up
 work=$(mktemp -d /tmp/relay-demo.XXXXXX)
 chmod 755 "$work"
+export RELAY_STEERING_STATE=$work/run/steering.json # the watcher's health file (default /run/relay/)
 pids=()
 cleanup() {
 	set +e
@@ -91,6 +92,16 @@ client --cacert "$work/web-ca.pem" --resolve www.example.net:443:10.10.2.2 https
 
 bold "4. plain HTTP to a routed name: 308 to https"
 client -o /dev/null -w '%{http_code} -> %{redirect_url}\n' --resolve nas.demo.test:80:10.10.1.1 http://nas.demo.test/photos?album=1
+
+bold "5. drift: a firewall reload flushes the nat table; \`rules apply --watch\` (relay-rules.service) puts it back"
+nsenter --net="$G" "$RELAY" rules apply --watch -c "$work/relay.yaml" >/dev/null 2>"$work/watch.log" &
+pids+=($!)
+for _ in $(seq 100); do [ -e "$RELAY_STEERING_STATE" ] && break; sleep 0.1; done
+show "iptables -t nat -F; iptables -t nat -X"
+nsenter --net="$G" sh -c 'iptables -t nat -F; iptables -t nat -X'
+for _ in $(seq 100); do grep -q 'steering repaired' "$work/watch.log" && break; sleep 0.1; done
+grep 'steering repaired' "$work/watch.log" | sed 's/^/  /'
+client --cacert "$work/nas-ca.pem" --resolve nas.demo.test:443:10.10.2.2 https://nas.demo.test/files
 
 bold "== relayctl rules show (on the gateway)"
 nsenter --net="$G" "$RELAY" rules show -c "$work/relay.yaml" | sed 's/^/  /'

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/relay-gw/relay/bpf"
 	"github.com/relay-gw/relay/internal/config"
@@ -16,7 +17,7 @@ import (
 )
 
 func init() {
-	register("rules", "rules apply|show|delete [-c FILE] [--dry-run] [--json]", cmdRules)
+	register("rules", "rules apply|show|delete [-c FILE] [--dry-run] [--json] [--watch]", cmdRules)
 }
 
 // rulesReport is what `rules` prints (and --json emits).
@@ -32,17 +33,54 @@ type rulesReport struct {
 	BPFState  *bpf.Status           `json:"bpf_state,omitempty"`
 	Warnings  []string              `json:"warnings,omitempty"`
 	Options   *redirect.Options     `json:"options,omitempty"`
+	// Health is the state `rules apply --watch` keeps (show only).
+	Health     *steerState `json:"steering_health,omitempty"`
+	healthPath string
+}
+
+// applySteering is one `rules apply`: BPF first, then iptables. It
+// returns the options applied and whether BPF steering is on. lenient
+// (watch mode) lets steer.interfaces name interfaces that do not exist
+// yet: the rules match them by name once they appear.
+func applySteering(cfg *config.Config, backend string, fams []*redirect.Family, dryRun, lenient bool, rep *rulesReport) (*redirect.Options, bool, error) {
+	opts, warnings, err := steerOptions(cfg, backend, lenient)
+	if err != nil {
+		return nil, false, err
+	}
+	rep.Warnings = warnings
+	rep.Options = opts
+	// BPF first: REDIRECT may exclude local destinations only once
+	// sk_lookup covers them, so there is no moment without steering.
+	bpfOn, err := applyBPF(cfg, opts.RelayUID, dryRun, rep)
+	if err != nil {
+		return nil, false, err
+	}
+	opts.ExcludeLocalDst = bpfOn
+	rep.Changes, err = redirect.Apply(fams, *opts, dryRun)
+	if err != nil {
+		return nil, false, err
+	}
+	if !bpfOn && !dryRun {
+		if err := bpf.Delete(cfg.Steer.PinDir); err != nil {
+			return nil, false, fmt.Errorf("remove BPF steering: %w", err)
+		}
+	}
+	return opts, bpfOn, nil
 }
 
 func cmdRules(e *env, args []string) error {
 	fs, cfgPath := newConfigFlagSet(e, "rules")
 	dryRun := fs.Bool("dry-run", false, "print what would change and change nothing")
 	asJSON := fs.Bool("json", false, "print JSON")
+	watch := fs.Bool("watch", false, "apply, then keep the steering in place (repairing drift) until SIGTERM, which deletes it")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 || (pos[0] != "apply" && pos[0] != "show" && pos[0] != "delete") {
+		return errUsage
+	}
+	if *watch && (pos[0] != "apply" || *dryRun) {
 		return errUsage
 	}
 	cfg, err := loadConfig(e, *cfgPath)
@@ -65,29 +103,27 @@ func cmdRules(e *env, args []string) error {
 	rep := &rulesReport{Action: pos[0], DryRun: *dryRun, Backend: backend, BPF: "off"}
 	switch pos[0] {
 	case "apply":
-		opts, warnings, err := steerOptions(cfg, backend)
-		if err != nil {
-			return err
+		if *watch {
+			return watchRules(e, cfg, backend, fams, *asJSON)
 		}
-		rep.Warnings = warnings
-		rep.Options = opts
-		// BPF first: REDIRECT may exclude local destinations only once
-		// sk_lookup covers them, so there is no moment without steering.
-		bpfOn, err := applyBPF(cfg, opts.RelayUID, *dryRun, rep)
-		if err != nil {
-			return err
-		}
-		opts.ExcludeLocalDst = bpfOn
-		rep.Changes, err = redirect.Apply(fams, *opts, *dryRun)
-		if err != nil {
-			return err
-		}
-		if !bpfOn && !*dryRun {
-			if err := bpf.Delete(cfg.Steer.PinDir); err != nil {
-				return fmt.Errorf("remove BPF steering: %w", err)
+		// A running watcher would put back its own config's steering:
+		// it applies this one instead, so the two never fight.
+		if pid := watcherPID(steeringStatePath(e.getenv)); pid > 0 && !*dryRun {
+			if err := reloadWatcher(steeringStatePath(e.getenv), pid, cfg.Path); err != nil {
+				return err
 			}
+			rep.Warnings = append(rep.Warnings, fmt.Sprintf("applied by `rules apply --watch` (pid %d, sent SIGHUP), which keeps it in place", pid))
+		} else if _, _, err := applySteering(cfg, backend, fams, *dryRun, false, rep); err != nil {
+			return err
 		}
 	case "delete":
+		if !*dryRun {
+			if pid, err := stopWatcher(steeringStatePath(e.getenv)); err != nil {
+				return err
+			} else if pid != 0 {
+				fmt.Fprintf(e.stdout, "stopped `rules apply --watch` (pid %d), which removed its steering\n", pid)
+			}
+		}
 		rep.Changes, err = redirect.Delete(fams, *dryRun)
 		if err != nil {
 			return err
@@ -121,6 +157,11 @@ func cmdRules(e *env, args []string) error {
 			rep.Listeners[a] = listening(a)
 		}
 	}
+	if pos[0] == "show" {
+		path := steeringStatePath(e.getenv)
+		rep.Health, _ = loadSteerHealth(path, time.Now())
+		rep.healthPath = path
+	}
 	if *asJSON {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
@@ -132,7 +173,7 @@ func cmdRules(e *env, args []string) error {
 
 // steerOptions runs the preflight checks and turns the config into
 // redirect options.
-func steerOptions(cfg *config.Config, backend string) (*redirect.Options, []string, error) {
+func steerOptions(cfg *config.Config, backend string, lenient bool) (*redirect.Options, []string, error) {
 	var warnings []string
 	if err := redirect.CheckBackendMix(backend); err != nil {
 		return nil, nil, err
@@ -142,7 +183,10 @@ func steerOptions(cfg *config.Config, backend string) (*redirect.Options, []stri
 		return nil, nil, err
 	}
 	if err := redirect.CheckInterfaces(cfg.Steer.Interfaces); err != nil {
-		return nil, nil, err
+		if !lenient {
+			return nil, nil, err
+		}
+		warnings = append(warnings, err.Error()+"; watching: its traffic is steered as soon as it appears")
 	}
 	httpsPort, err := portOf(cfg.Listen.HTTPS)
 	if err != nil {
@@ -282,6 +326,9 @@ func printRules(e *env, rep *rulesReport) {
 		}
 	} else {
 		fmt.Fprintf(w, "bpf: %s\n", rep.BPF)
+	}
+	if rep.Action == "show" {
+		printSteerHealth(w, rep.healthPath)
 	}
 }
 

@@ -39,6 +39,13 @@ func (n *gatewayNet) run(t *testing.T, role string, args ...string) string {
 
 func newGatewayNet(t *testing.T) *gatewayNet {
 	t.Helper()
+	return newGatewayNetPrefix(t, fmt.Sprintf("rt%d", os.Getpid()%100000))
+}
+
+// newGatewayNetPrefix is newGatewayNet with namespaces and veths named
+// after prefix (its first 8 characters must be unique).
+func newGatewayNetPrefix(t *testing.T, prefix string) *gatewayNet {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: builds client/gateway/upstream network namespaces and iptables rules")
 	}
@@ -47,7 +54,7 @@ func newGatewayNet(t *testing.T) *gatewayNet {
 			t.Fatalf("%s missing: run scripts/deps.sh (CI's .ci/run does)", tool)
 		}
 	}
-	n := &gatewayNet{prefix: fmt.Sprintf("rt%d", os.Getpid()%100000)}
+	n := &gatewayNet{prefix: prefix}
 	script, _ := filepath.Abs("../../scripts/netns-gateway.sh")
 	env := append(os.Environ(), "RELAY_NS_PREFIX="+n.prefix)
 	t.Cleanup(func() {
@@ -61,7 +68,7 @@ func newGatewayNet(t *testing.T) *gatewayNet {
 		t.Fatalf("netns-gateway.sh up: %v\n%s", err, out)
 	}
 	var err error
-	if n.dir, err = os.MkdirTemp("", "relay-gw"); err != nil {
+	if n.dir, err = os.MkdirTemp("", n.prefix+"-gw"); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(n.dir) })

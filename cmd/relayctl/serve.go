@@ -82,6 +82,7 @@ func cmdServe(e *env, args []string) error {
 	}
 
 	reg := newRegistry()
+	registerSteeringHealth(e.ctx, reg, cfg, e.getenv, log)
 	certs := &certSources{stateDir: cfg.StateDir, log: log}
 	mgr, _, err := certs.prepareACME(cfg)
 	if err != nil {

@@ -31,6 +31,7 @@ func cmdStats(e *env, args []string) error {
 		printRelayStats(e.stdout, families)
 	}
 	printBPFStats(e.stdout, cfg)
+	printSteerHealth(e.stdout, steeringStatePath(e.getenv))
 	return nil
 }
 
