@@ -1013,12 +1013,16 @@ type h2Stream struct {
 	ctx  context.Context
 	w    http.ResponseWriter
 	body clientBody
+	up   atomic.Pointer[upConn] // in use: closed when the client resets the stream
 }
 
-func (x *h2Stream) using(u *upConn) bool { return u == nil || x.ctx.Err() == nil }
-func (x *h2Stream) bodyFailed() bool     { return x.body.err != nil }
-func (x *h2Stream) gone() bool           { return x.ctx.Err() != nil }
-func (x *h2Stream) abandonBody()         { x.body.r.Close() }
+func (x *h2Stream) using(u *upConn) bool {
+	x.up.Store(u) // before the look at ctx: a reset meanwhile closes u
+	return u == nil || x.ctx.Err() == nil
+}
+func (x *h2Stream) bodyFailed() bool { return x.body.err != nil }
+func (x *h2Stream) gone() bool       { return x.ctx.Err() != nil }
+func (x *h2Stream) abandonBody()     { x.body.r.Close() }
 
 func (x *h2Stream) interim(r *http.Response) error {
 	h := x.w.Header()
@@ -1045,6 +1049,14 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	prepareRequest(r, clientIP)
 	delete(r.Header, "Connection")
 	delete(r.Header, "Upgrade") // no upgrades over h2
+	// A stream the client resets must not hold the upstream, also while
+	// the answer is awaited after the whole body went out.
+	stop := context.AfterFunc(x.ctx, func() {
+		if u := x.up.Load(); u != nil {
+			u.c.Close()
+		}
+	})
+	defer stop()
 	resp, u, err := p.roundTrip(x.ctx, r, x)
 	if err != nil {
 		if x.body.err != nil || x.ctx.Err() != nil || errors.Is(err, errClientGone) { // the client, not the upstream, failed
@@ -1055,8 +1067,6 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(upstreamStatus(err))
 		return
 	}
-	// A stream the client resets must not hold the upstream.
-	stop := context.AfterFunc(x.ctx, func() { u.c.Close() })
 	removeHopByHop(resp.Header)
 	h := w.Header()
 	copyHeader(h, resp.Header)

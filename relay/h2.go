@@ -47,6 +47,7 @@ type h2Conn struct {
 	tc      *tls.Conn
 	cc      *termConn
 	fr      *http2.Framer // reads, on the connection's goroutine only
+	tap     frameTap      // the header of the frame fr read last
 	remote  string
 	tlsSt   tls.ConnectionState
 
@@ -75,6 +76,10 @@ type h2Conn struct {
 	closed     bool
 	idle       *time.Timer
 	idleWindow time.Duration
+	// Streams we reset lately: frames the client sent on them before it
+	// saw the reset are ignored (RFC 9113 5.1, closed), not errors.
+	resetIDs [128]uint32
+	resetN   int
 }
 
 // h2StreamState is one request.
@@ -95,6 +100,7 @@ type h2StreamState struct {
 	sendWin   int64
 	done      bool // the client reset it, or its answer is complete
 	expect    bool // the client waits for 100 Continue
+	final     bool // the final response's HEADERS are out: no more 1xx
 }
 
 var h2Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 32<<10) }}
@@ -113,7 +119,8 @@ func (s *Server) serveH2(tc *tls.Conn, cc *termConn, rt *route) {
 	}
 	c.cond = sync.NewCond(&c.mu)
 	c.henc = hpack.NewEncoder(&c.hbuf)
-	c.fr = http2.NewFramer(io.Discard, tc)
+	c.tap.r = tc
+	c.fr = http2.NewFramer(io.Discard, &c.tap)
 	c.fr.SetMaxReadFrameSize(h2ReadFrame)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = h2MaxHeaderList
@@ -160,8 +167,7 @@ func (c *h2Conn) run() {
 		f, err = c.fr.ReadFrame()
 		var se http2.StreamError
 		if errors.As(err, &se) {
-			c.resetStream(se.StreamID, se.Code)
-			err = nil
+			err = c.frameStreamError(se)
 			f = nil
 		}
 	}
@@ -172,6 +178,43 @@ func (c *h2Conn) run() {
 	case errors.Is(err, http2.ErrFrameTooLarge):
 		c.goAwayNow(http2.ErrCodeFrameSize)
 	}
+}
+
+// frameStreamError answers a stream error the Framer found in a frame.
+func (c *h2Conn) frameStreamError(se http2.StreamError) error {
+	c.mu.Lock()
+	if se.StreamID > c.lastID || se.StreamID%2 == 0 {
+		if c.tap.typ != http2.FrameHeaders || se.StreamID%2 == 0 {
+			c.mu.Unlock()
+			return http2.ConnectionError(http2.ErrCodeProtocol) // a frame on an idle stream
+		}
+		// A HEADERS frame opened the stream, then failed: the client's
+		// next frames on it are on a stream we reset, not on an idle one.
+		c.lastID = se.StreamID
+	}
+	c.mu.Unlock()
+	c.resetStream(se.StreamID, se.Code)
+	return nil
+}
+
+// idleLocked: id names a stream the client has not opened (RFC 9113 5.1:
+// any frame but HEADERS or PRIORITY on it is a connection error).
+func (c *h2Conn) idleLocked(id uint32) bool { return id > c.lastID || id%2 == 0 }
+
+// noteResetLocked remembers that we reset stream id.
+func (c *h2Conn) noteResetLocked(id uint32) {
+	c.resetIDs[c.resetN%len(c.resetIDs)] = id
+	c.resetN++
+}
+
+// resetByUsLocked: we reset stream id lately (frames on it are ignored).
+func (c *h2Conn) resetByUsLocked(id uint32) bool {
+	for _, x := range c.resetIDs {
+		if x == id {
+			return true
+		}
+	}
+	return false
 }
 
 // frame handles one frame from the client; an error ends the connection.
@@ -196,11 +239,15 @@ func (c *h2Conn) frame(f http2.Frame) error {
 		c.mu.Lock()
 		if st := c.streams[f.StreamID]; st != nil {
 			c.endStreamLocked(st, fmt.Errorf("http2: client reset stream %d (%v)", f.StreamID, f.ErrCode))
-		} else if f.StreamID > c.lastID {
+		} else if c.idleLocked(f.StreamID) {
 			c.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeProtocol) // reset of an idle stream
 		}
 		c.mu.Unlock()
+	case *http2.PriorityFrame:
+		if f.StreamDep == f.StreamID { // RFC 9113 5.3.1
+			c.resetStream(f.StreamID, http2.ErrCodeProtocol)
+		}
 	case *http2.PingFrame:
 		if !f.IsAck() {
 			c.write(true, func() { c.rawFrame(http2.FramePing, http2.FlagPingAck, 0, f.Data[:]) })
@@ -210,7 +257,7 @@ func (c *h2Conn) frame(f http2.Frame) error {
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
-	return nil // PRIORITY and unknown frames are ignored
+	return nil // unknown frames are ignored
 }
 
 func (c *h2Conn) applySettings(f *http2.SettingsFrame) error {
@@ -253,24 +300,37 @@ func (c *h2Conn) headers(f *http2.MetaHeadersFrame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.mu.Lock()
-	if st := c.streams[id]; st != nil || id <= c.lastID {
-		defer c.mu.Unlock()
-		if st == nil {
-			return nil // ended by us (answered early, reset): ignored (RFC 9113 5.1)
-		}
-		if st.bodyEnd {
-			return http2.ConnectionError(http2.ErrCodeStreamClosed)
-		}
-		if !f.StreamEnded() { // trailers must end the stream
-			c.resetLocked(st, http2.ErrCodeProtocol)
-			return nil
-		}
-		st.bodyEnd = true // request trailers are not forwarded
-		c.cond.Broadcast()
+	if f.HasPriority() && f.Priority.StreamDep == id { // RFC 9113 5.3.1
+		c.lastID = max(c.lastID, id)
+		c.mu.Unlock()
+		c.resetStream(id, http2.ErrCodeProtocol)
 		return nil
+	}
+	if st := c.streams[id]; st != nil {
+		defer c.mu.Unlock()
+		switch {
+		case st.bodyEnd: // half-closed (remote)
+			c.resetLocked(st, http2.ErrCodeStreamClosed)
+		case !f.StreamEnded(): // trailers must end the stream
+			c.resetLocked(st, http2.ErrCodeProtocol)
+		case st.declared >= 0 && st.received != st.declared:
+			c.resetLocked(st, http2.ErrCodeProtocol) // body shorter than its content-length
+		default:
+			st.bodyEnd = true // request trailers are not forwarded
+			c.cond.Broadcast()
+		}
+		return nil
+	}
+	if id <= c.lastID {
+		defer c.mu.Unlock()
+		if c.resetByUsLocked(id) {
+			return nil // sent before the client saw our reset: ignored
+		}
+		return http2.ConnectionError(http2.ErrCodeStreamClosed) // closed, or skipped
 	}
 	c.lastID = id
 	if c.goAway || c.closed {
+		c.noteResetLocked(id) // after our GOAWAY: ignored, and so are its frames
 		c.mu.Unlock()
 		return nil
 	}
@@ -370,23 +430,32 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 	if c.recvWin -= n; c.recvWin < 0 {
 		return http2.ConnectionError(http2.ErrCodeFlowControl)
 	}
-	st := c.streams[f.StreamID]
-	if st == nil || st.bodyEnd || st.done {
-		if f.StreamID > c.lastID {
+	id := f.StreamID
+	st := c.streams[id]
+	if st == nil || st.bodyEnd {
+		if c.idleLocked(id) {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
-		// A stream we ended (and reset): its window is gone, the
-		// connection's comes back.
+		// Not taken: the stream's window is gone, the connection's
+		// comes back.
 		c.giveBackLocked(nil, n)
+		switch {
+		case st != nil: // half-closed (remote)
+			c.resetLocked(st, http2.ErrCodeStreamClosed)
+		case !c.resetByUsLocked(id): // closed by the client's END_STREAM or RST_STREAM
+			c.resetLater(id, http2.ErrCodeStreamClosed)
+		}
 		return nil
 	}
 	if st.recvWin -= n; st.recvWin < 0 {
+		c.giveBackLocked(nil, n)
 		c.resetLocked(st, http2.ErrCodeFlowControl)
 		return nil
 	}
 	d := f.Data()
 	st.received += int64(len(d))
 	if st.declared >= 0 && (st.received > st.declared || f.StreamEnded() && st.received != st.declared) {
+		c.giveBackLocked(nil, n)
 		c.resetLocked(st, http2.ErrCodeProtocol)
 		return nil
 	}
@@ -410,6 +479,8 @@ func (c *h2Conn) windowUpdated(f *http2.WindowUpdateFrame) error {
 		if st.sendWin += int64(f.Increment); st.sendWin > h2MaxWindow {
 			c.resetLocked(st, http2.ErrCodeFlowControl)
 		}
+	} else if c.idleLocked(f.StreamID) {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.cond.Broadcast()
 	return nil
@@ -476,8 +547,11 @@ func (c *h2Conn) resetLocked(st *h2StreamState, code http2.ErrCode) {
 	c.resetLater(st.id, code)
 }
 
+// resetLater sends RST_STREAM for id from another goroutine (c.mu is
+// held: writers take it).
 func (c *h2Conn) resetLater(id uint32, code http2.ErrCode) {
-	go c.resetStream(id, code)
+	c.noteResetLocked(id)
+	go c.writeReset(id, code)
 }
 
 func (c *h2Conn) resetStream(id uint32, code http2.ErrCode) {
@@ -485,7 +559,12 @@ func (c *h2Conn) resetStream(id uint32, code http2.ErrCode) {
 	if st := c.streams[id]; st != nil {
 		c.endStreamLocked(st, http2.StreamError{StreamID: id, Code: code})
 	}
+	c.noteResetLocked(id)
 	c.mu.Unlock()
+	c.writeReset(id, code)
+}
+
+func (c *h2Conn) writeReset(id uint32, code http2.ErrCode) {
 	var p [4]byte
 	binary.BigEndian.PutUint32(p[:], uint32(code))
 	c.write(true, func() { c.rawFrame(http2.FrameRSTStream, 0, id, p[:]) })
@@ -748,11 +827,17 @@ func (c *h2Conn) streamHeaders(st *h2StreamState, status int, h http.Header, end
 	var err error
 	werr := c.write(flush, func() {
 		c.mu.Lock()
-		done := st.done
+		done, final := st.done, st.final
+		if status >= 200 || status == 0 {
+			st.final = true
+		}
 		c.mu.Unlock()
 		if done {
 			err = errH2Closed
 			return
+		}
+		if final && status >= 100 && status < 200 {
+			return // an interim answer after the final one: dropped (RFC 9110 15.2)
 		}
 		c.headerBlock(st.id, status, h, end)
 	})
@@ -960,4 +1045,36 @@ func (w *h2Response) data(p []byte, end bool) error {
 			return nil
 		}
 	}
+}
+
+// frameTap passes the client's bytes to the Framer and keeps the header
+// of the last frame it began: the Framer's errors do not say which frame
+// type they come from.
+type frameTap struct {
+	r    io.Reader
+	hdr  [9]byte
+	hn   int // header bytes of the next frame seen
+	left int // payload bytes of the current frame still to come
+	typ  http2.FrameType
+}
+
+func (t *frameTap) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	for b := p[:n]; len(b) > 0; {
+		if t.left > 0 {
+			k := min(t.left, len(b))
+			t.left -= k
+			b = b[k:]
+			continue
+		}
+		k := copy(t.hdr[t.hn:], b)
+		t.hn += k
+		b = b[k:]
+		if t.hn == len(t.hdr) {
+			t.hn = 0
+			t.left = int(t.hdr[0])<<16 | int(t.hdr[1])<<8 | int(t.hdr[2])
+			t.typ = http2.FrameType(t.hdr[3])
+		}
+	}
+	return n, err
 }

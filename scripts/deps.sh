@@ -2,8 +2,14 @@
 # deps.sh: install the Debian packages relay's demo and tests use, if any
 # is missing (fresh Debian 12 machine; needs root).
 set -euo pipefail
+# h2spec (HTTP/2 conformance, TestH2Spec): a go tool at a pinned version,
+# from the module proxy; the test looks on PATH and in $(go env GOPATH)/bin.
+go=$(command -v go || echo /usr/local/go/bin/go)
+if ! command -v h2spec >/dev/null 2>&1 && [ -x "$go" ] && [ ! -x "$("$go" env GOPATH)/bin/h2spec" ]; then
+	"$go" install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
+fi
 need=()
-for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils; do
+for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils testssl:testssl.sh; do
 	command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p#*:}")
 done
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
