@@ -66,6 +66,7 @@ type httpProxy struct {
 	label   string
 	addr    string      // upstream host:port
 	tlsConf *tls.Config // https upstream; nil for http
+	hsts    string      // Strict-Transport-Security value; "" = none added
 
 	mu    sync.Mutex
 	idle  []*upConn // oldest first
@@ -656,6 +657,7 @@ func (p *httpProxy) roundTrip(ctx context.Context, req *http.Request, c upClient
 			}
 		}
 		if err == nil && (u.wrote == nil || u.outcome.CompareAndSwap(upWaiting, upAnswered)) {
+			setHSTS(resp.Header, p.hsts)
 			return resp, u, nil
 		}
 		if err == nil { // answered just as the body writer gave up

@@ -13,6 +13,8 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,12 +41,22 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 	if err != nil {
 		return nil, fmt.Errorf("terminate.upstream %q: %w", t.Upstream, err)
 	}
+	getCert := certs.GetCertificate
+	if !strings.ContainsAny(label, "*{}: ") {
+		// No SNI (unknown_sni naming this route): the certificate for
+		// the route's own name.
+		getCert = func(h *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			if h.ServerName == "" {
+				named := *h
+				named.ServerName = label
+				h = &named
+			}
+			return certs.GetCertificate(h)
+		}
+	}
 	tr := &termRoute{
-		label: label,
-		tlsConf: &tls.Config{
-			GetCertificate: certs.GetCertificate,
-			MinVersion:     tls.VersionTLS12,
-		},
+		label:   label,
+		tlsConf: tlsProfile(getCert),
 	}
 	if err := clientAuthConfig(tr.tlsConf, t.ClientAuth); err != nil { // mTLS
 		return nil, err
@@ -61,6 +73,10 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		return nil, fmt.Errorf("terminate.upstream %q: scheme must be http, https or tcp", t.Upstream)
 	}
 	tr.tlsConf.NextProtos = []string{"h2", "http/1.1"}
+	hsts := ""
+	if t.HSTS > 0 {
+		hsts = "max-age=" + strconv.FormatInt(int64(t.HSTS.D()/time.Second), 10)
+	}
 	var upTLS *tls.Config
 	if u.Scheme == "https" {
 		upTLS = &tls.Config{InsecureSkipVerify: t.UpstreamInsecure}
@@ -77,7 +93,7 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		}
 	}
 	if (u.Path == "" || u.Path == "/") && u.RawQuery == "" {
-		p := &httpProxy{s: s, label: label, addr: u.Host, tlsConf: upTLS}
+		p := &httpProxy{s: s, label: label, addr: u.Host, tlsConf: upTLS, hsts: hsts}
 		if u.Port() == "" {
 			p.addr = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
 		}
@@ -119,6 +135,10 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
 		},
+		ModifyResponse: func(r *http.Response) error {
+			setHSTS(r.Header, hsts)
+			return nil
+		},
 		Transport:  transport,
 		BufferPool: proxyBuffers,
 		ErrorLog:   errLog,
@@ -135,6 +155,33 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 		},
 	}
 	return tr, nil
+}
+
+// setHSTS adds Strict-Transport-Security (value v; "" = off) unless the
+// upstream set its own.
+func setHSTS(h http.Header, v string) {
+	if v != "" && h.Get("Strict-Transport-Security") == "" {
+		h.Set("Strict-Transport-Security", v)
+	}
+}
+
+// tlsProfile is Mozilla's "intermediate" server profile: TLS 1.3, and
+// TLS 1.2 with AEAD suites only (no CBC: LUCKY13), forward secrecy,
+// post-quantum key exchange first.
+func tlsProfile(getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error)) *tls.Config {
+	return &tls.Config{
+		GetCertificate: getCert,
+		MinVersion:     tls.VersionTLS12,
+		CipherSuites: []uint16{ // TLS 1.2 only; Go's TLS 1.3 suites are all AEAD
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+		CurvePreferences: []tls.CurveID{tls.X25519MLKEM768, tls.X25519, tls.CurveP256, tls.CurveP384},
+	}
 }
 
 // proxyBuffers are the ReverseProxy's copy buffers: without a pool it

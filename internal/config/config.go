@@ -163,6 +163,10 @@ type Terminate struct {
 	ClientAuth  *ClientAuth  `yaml:"client_auth"`  // mTLS; nil = no client certificates asked
 	BasicAuth   *BasicAuth   `yaml:"basic_auth"`   // nil = no HTTP basic auth
 	ForwardAuth *ForwardAuth `yaml:"forward_auth"` // nil = no forward auth
+
+	// HSTS, when set, adds Strict-Transport-Security: max-age=HSTS to
+	// answers that have none (http(s) upstreams); 0 = not added.
+	HSTS Duration `yaml:"hsts"`
 }
 
 // ClientAuth asks terminate clients for a certificate signed by CA.

@@ -276,6 +276,12 @@ func (c *Config) Validate() error {
 				}
 			}
 			c.checkAuth(line("terminate"), t, u, add)
+			switch {
+			case t.HSTS < 0:
+				add(line("terminate.hsts"), fmt.Sprintf("hsts %v is negative", t.HSTS.D()), "write a duration like 8760h (one year), or remove it")
+			case t.HSTS > 0 && err == nil && u.Scheme == "tcp":
+				add(line("terminate.hsts"), "hsts applies to http:// and https:// upstreams only", "remove it from this tcp:// route")
+			}
 			switch t.TLS.Mode {
 			case "acme":
 				if strings.HasPrefix(r.Match, "*.") && c.ACME.Email != "" && c.ACME.DNS == "" {
@@ -297,6 +303,14 @@ func (c *Config) Validate() error {
 	default:
 		if _, ok := first[NormalizeName(u)]; !ok {
 			add("unknown_sni", fmt.Sprintf("unknown_sni %q names no route", u), "write original, reject, or the match of one of the routes")
+		}
+		for _, r := range c.Routes {
+			// A client without SNI gets the route's certificate, issued
+			// for its name: a wildcard has none to issue.
+			if NormalizeName(r.Match) == NormalizeName(u) && strings.HasPrefix(r.Match, "*.") && r.Terminate != nil && r.Terminate.TLS.Mode != "files" {
+				add("unknown_sni", fmt.Sprintf("unknown_sni %q names a wildcard terminate route: a client without SNI would get no certificate", u),
+					"name an exact route, or give this route tls: {cert: FILE, key: FILE}")
+			}
 		}
 	}
 	if len(errs) > 0 {
