@@ -160,10 +160,7 @@ func (st *state) buildAccess(cfg *config.Config) error {
 	}
 	for i := range cfg.Routes {
 		rc := &cfg.Routes[i]
-		r, ok := st.table.lookup(rc.Match)
-		if !ok || r.label != normalizeName(rc.Match) {
-			continue
-		}
+		r := st.routes[i]
 		if r.access, err = newClientRules(rc.Allow, rc.Deny, lan); err != nil {
 			return fmt.Errorf("route %s: %w", rc.Match, err)
 		}

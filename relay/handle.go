@@ -38,7 +38,11 @@ func (r *route) dial(ctx context.Context, timeout time.Duration, dst netip.AddrP
 // state is one configuration ready to serve, swapped atomically on reload.
 type state struct {
 	cfg        *config.Config
-	table      *routeTable[*route]
+	table      *routeTable[*routeSet]
+	routes     []*route          // in the order of cfg.Routes
+	protocols  map[string]*route // match: {protocol: ...}
+	silence    *route            // match: {silence: ...}; nil = none
+	silenceFor time.Duration
 	unknown    *route // unknown_sni naming a route; nil otherwise
 	unknownSNI string // original | reject | route
 	original   *route
@@ -51,14 +55,19 @@ type state struct {
 func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	st := &state{
 		cfg:      cfg,
-		table:    newRouteTable[*route](),
+		table:    newRouteTable[*routeSet](),
 		names:    newRouteTable[bool](),
 		original: &route{label: labelOriginal, action: "passthrough", original: s},
 		reject:   &route{label: labelUnknown, action: "reject"},
 	}
 	for i := range cfg.Routes {
 		rc := &cfg.Routes[i]
-		r := &route{label: normalizeName(rc.Match), action: rc.Action(), proxyProtocol: rc.ProxyProtocol}
+		label := rc.Label()
+		if rc.IsName() && len(rc.ALPN) == 0 {
+			label = normalizeName(rc.Match)
+		}
+		r := &route{label: label, action: rc.Action(), proxyProtocol: rc.ProxyProtocol}
+		st.routes = append(st.routes, r)
 		switch r.action {
 		case "passthrough":
 			r.pool = &pool{}
@@ -67,20 +76,37 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 			}
 		case "terminate":
 			if s.opts.Certs == nil {
-				return nil, fmt.Errorf("route %s: terminate needs a certificate source (Options.Certs)", rc.Match)
+				return nil, fmt.Errorf("route %s: terminate needs a certificate source (Options.Certs)", label)
 			}
 			certs, err := s.opts.Certs(rc)
 			if err != nil {
-				return nil, fmt.Errorf("route %s: certificates: %w", rc.Match, err)
+				return nil, fmt.Errorf("route %s: certificates: %w", label, err)
 			}
 			if r.term, err = s.newTermRoute(r.label, rc.Terminate, certs); err != nil {
-				return nil, fmt.Errorf("route %s: %w", rc.Match, err)
+				return nil, fmt.Errorf("route %s: %w", label, err)
 			}
 			if r.term.closeIdle != nil {
 				st.closeIdle = append(st.closeIdle, r.term.closeIdle)
 			}
 		}
-		st.table.add(rc.Match, r)
+		if !rc.IsName() {
+			st.addProtocolRoute(rc, r)
+			continue
+		}
+		rs, ok := st.table.lookupExactKey(rc.Match)
+		if !ok {
+			rs = &routeSet{byALPN: map[string]*route{}}
+			st.table.add(rc.Match, rs)
+		}
+		if len(rc.ALPN) == 0 {
+			rs.plain = r
+		}
+		if rs.first == nil {
+			rs.first = r
+		}
+		for _, p := range rc.ALPN {
+			rs.byALPN[p] = r
+		}
 		if r.action != "reject" {
 			st.names.add(rc.Match, true)
 		}
@@ -94,7 +120,7 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	case "reject":
 		st.unknownSNI = "reject"
 	default:
-		r, ok := st.table.lookup(u)
+		r, ok := lookupRoute(st.table, u, nil)
 		if !ok {
 			return nil, fmt.Errorf("unknown_sni: no route with match %q", u)
 		}
@@ -103,10 +129,21 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	return st, nil
 }
 
+func (st *state) addProtocolRoute(rc *config.Route, r *route) {
+	if rc.Protocol != "" {
+		if st.protocols == nil {
+			st.protocols = map[string]*route{}
+		}
+		st.protocols[rc.Protocol] = r
+		return
+	}
+	st.silence, st.silenceFor = r, rc.Silence.D()
+}
+
 // resolve picks the route for a server name. transit says the client
 // addressed some other host (REDIRECTed), not this gateway.
-func (st *state) resolve(name string, transit bool) *route {
-	if r, ok := st.table.lookup(name); ok {
+func (st *state) resolve(name string, alpn []string, transit bool) *route {
+	if r, ok := lookupRoute(st.table, name, alpn); ok {
 		return r
 	}
 	switch st.unknownSNI {
@@ -183,7 +220,7 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.serveALPNChallenge(tc, hello)
 		return
 	}
-	rt := st.resolve(hello.ServerName, transit)
+	rt := st.resolve(hello.ServerName, hello.ALPN, transit)
 	if rt.action != "reject" && s.refused(tc, rt, hello.ServerName) {
 		s.releaseHandshake()
 		return false

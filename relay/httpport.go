@@ -18,7 +18,14 @@ func (s *Server) newHTTPPortServer() *http.Server {
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		host := hostOnly(r.Host)
 		st := s.state.Load()
-		rt, routed := st.table.lookup(host)
+		rt, routed := lookupRoute(st.table, host, nil)
+		if !routed { // a name with alpn routes only is routed all the same
+			if e, w, okE, okW := st.table.lookupBoth(host); okE {
+				rt, routed = e.first, true
+			} else if okW {
+				rt, routed = w.first, true
+			}
+		}
 		label := labelUnknown
 		if routed {
 			label = rt.label

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -478,8 +479,8 @@ func newACME(cfg *config.Config, log *slog.Logger) (*acme.Manager, error) {
 func acmeNames(cfg *config.Config) []string {
 	var names []string
 	for _, r := range cfg.Routes {
-		if r.Terminate != nil && r.Terminate.TLS.Mode == "acme" {
-			names = append(names, config.NormalizeName(r.Match))
+		if n := config.NormalizeName(r.Match); r.Terminate != nil && r.Terminate.TLS.Mode == "acme" && !slices.Contains(names, n) {
+			names = append(names, n) // a name with alpn routes has one certificate
 		}
 	}
 	return names
