@@ -177,7 +177,7 @@ func (st *state) buildAccess(cfg *config.Config) error {
 
 // refused checks the client of c against rt's rules. A refused client is
 // counted, sent a TLS access_denied alert and logged; the caller closes c.
-func (s *Server) refused(c *net.TCPConn, rt *route, sni string) bool {
+func (s *Server) refused(c *net.TCPConn, rt *route, sni string, ent *accessEntry) bool {
 	if rt.access == nil {
 		return false
 	}
@@ -189,6 +189,7 @@ func (s *Server) refused(c *net.TCPConn, rt *route, sni string) bool {
 	c.SetWriteDeadline(time.Now().Add(time.Second))
 	c.Write(alertAccessDenied)
 	s.log.Debug("access denied", "route", rt.label, "client", s.peer(c), "sni", sni, "reason", reason)
+	s.logEntry(ent, resultAccessDenied, reason)
 	return true
 }
 
@@ -208,6 +209,7 @@ func (s *Server) refusedHTTP(w http.ResponseWriter, r *http.Request, rt *route) 
 	}
 	s.m.accessDenied.WithLabelValues(rt.label, reason).Inc()
 	s.log.Debug("access denied", "route", rt.label, "client", r.RemoteAddr, "host", r.Host, "reason", reason)
+	noteResult(w, resultAccessDenied, reason)
 	http.Error(w, "access denied", http.StatusForbidden)
 	return true
 }

@@ -191,6 +191,7 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.log.Error("https listener returned a non-TCP connection", "type", fmt.Sprintf("%T", c))
 		return
 	}
+	start := time.Now()
 	st := s.state.Load()
 	lim := st.cfg.Limits
 	if !s.acquireHandshake(lim.HelloTimeout.D()) {
@@ -208,6 +209,7 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		reason := HelloErrorReason(err)
 		s.m.helloErrors.WithLabelValues(reason).Inc()
 		s.log.Debug("clienthello", "client", s.peer(c), "reason", reason, "err", err)
+		s.logEntry(s.connEntry(c, start, nil, nil), resultError, reason)
 		return
 	}
 	if !s.routed(c) {
@@ -221,7 +223,8 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		return
 	}
 	rt := st.resolve(hello.ServerName, hello.ALPN, transit)
-	if rt.action != "reject" && s.refused(tc, rt, hello.ServerName) {
+	ent := s.connEntry(c, start, hello, rt)
+	if rt.action != "reject" && s.refused(tc, rt, hello.ServerName, ent) {
 		s.releaseHandshake()
 		return false
 	}
@@ -232,12 +235,13 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		tc.SetWriteDeadline(time.Now().Add(time.Second))
 		tc.Write(alertUnrecognizedName)
 		s.log.Debug("rejected", "route", rt.label, "client", s.peer(c), "sni", hello.ServerName, "dst", dst)
+		s.logEntry(ent, resultRefused, "")
 	case "passthrough":
 		s.releaseHandshake()
 		s.log.Debug("passthrough", "route", rt.label, "client", s.peer(c), "sni", hello.ServerName, "dst", dst, "transit", transit)
-		return s.passthrough(tc, hello, rt, dst)
+		return s.passthrough(tc, hello, rt, dst, ent)
 	case "terminate":
-		return s.terminate(tc, hello, rt) // releases the handshake slot after the TLS handshake
+		return s.terminate(tc, hello, rt, ent) // releases the handshake slot after the TLS handshake
 	}
 	return false
 }

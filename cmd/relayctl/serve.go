@@ -139,6 +139,9 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	usr1 := make(chan os.Signal, 1) // logrotate: reopen the access log
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
 
 	var events <-chan fsnotify.Event
 	if w, err := fsnotify.NewWatcher(); err != nil {
@@ -196,6 +199,12 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 			return
 		case <-hup:
 			reload("SIGHUP")
+		case <-usr1:
+			if err := srv.ReopenAccessLog(); err != nil {
+				log.Error("reopen access log", "err", err)
+			} else {
+				log.Info("access log reopened (SIGUSR1)")
+			}
 		case ev, ok := <-events:
 			if !ok {
 				events = nil

@@ -118,6 +118,15 @@ type Rate float64
 type Log struct {
 	Level  string `yaml:"level"`  // debug | info (default) | warn | error
 	Format string `yaml:"format"` // text (default) | json
+	// Access is the access log (one line per connection, and per request
+	// on terminate routes); nil = none.
+	Access *AccessLog `yaml:"access"`
+}
+
+// AccessLog is log.access.
+type AccessLog struct {
+	Path   string `yaml:"path"`   // a file (created 0640, reopened on SIGUSR1) or "stdout"
+	Format string `yaml:"format"` // json (default) | combined
 }
 
 // Route is one entry of routes:. Exactly one of Passthrough, Terminate,

@@ -162,7 +162,7 @@ var reflectKeys = keySpec{
 	"limits": {"hello_timeout": nil, "max_hello_bytes": nil, "idle_timeout": nil, "max_connections": nil,
 		"max_handshakes": nil, "drain_timeout": nil, "dial_timeout": nil,
 		"per_client": {"connections": nil, "rate": nil, "burst": nil}},
-	"log":    {"level": nil, "format": nil},
+	"log":    {"level": nil, "format": nil, "access": {"path": nil, "format": nil}},
 	"routes": {"[]": routeKeys},
 }
 

@@ -64,3 +64,23 @@ func TestMatchErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestAccessLogConfig(t *testing.T) {
+	c, err := Parse("f.yaml", []byte("log: {level: info, access: {path: /var/log/relay/access.log}}\n"))
+	if err != nil || c.Log.Access == nil || c.Log.Access.Format != "json" || c.Log.Access.Path != "/var/log/relay/access.log" {
+		t.Fatalf("%v %+v", err, c)
+	}
+	if c, err := Parse("f.yaml", []byte("log:\n  access: {path: stdout, format: combined}\n")); err != nil || c.Log.Access.Format != "combined" {
+		t.Errorf("stdout combined: %v", err)
+	}
+	for y, want := range map[string]string{
+		"log:\n  access: {path: /x, format: clf}\n": `f.yaml:2: log.access.format: "clf" is not allowed`,
+		"log:\n  access: {format: json}\n":          "f.yaml:2: log.access without path",
+		"log:\n  access: {path: access.log}\n":      `f.yaml:2: log.access.path "access.log" is not an absolute path`,
+		"log:\n  access: {file: /x}\n":              `f.yaml:2: unknown key "file" in log.access`,
+	} {
+		if _, err := Parse("f.yaml", []byte(y)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: got %v, want %q", y, err, want)
+		}
+	}
+}

@@ -40,6 +40,9 @@ func (c *Config) ApplyDefaults() {
 	def(&c.ACME.KeyType, "ec256")
 	def(&c.Log.Level, "info")
 	def(&c.Log.Format, "text")
+	if c.Log.Access != nil {
+		def(&c.Log.Access.Format, "json")
+	}
 	if len(c.Steer.HTTPSPorts) == 0 {
 		c.Steer.HTTPSPorts = []int{443}
 	}
@@ -214,6 +217,14 @@ func (c *Config) Validate() error {
 	}
 	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
 	oneOf("log.format", c.Log.Format, "text", "json")
+	if a := c.Log.Access; a != nil {
+		oneOf("log.access.format", a.Format, "json", "combined")
+		if a.Path == "" {
+			add("log.access", "log.access without path", "write log: {access: {path: /var/log/relay/access.log}} (or path: stdout)")
+		} else if a.Path != "stdout" && !strings.HasPrefix(a.Path, "/") {
+			add("log.access.path", fmt.Sprintf("log.access.path %q is not an absolute path", a.Path), "write an absolute path like /var/log/relay/access.log, or stdout")
+		}
+	}
 
 	// routes
 	first := map[string]int{}     // name → line of its route without alpn
