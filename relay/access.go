@@ -186,8 +186,10 @@ func (s *Server) refused(c *net.TCPConn, rt *route, sni string, ent *accessEntry
 		return false
 	}
 	s.m.accessDenied.WithLabelValues(rt.label, reason).Inc()
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write(alertAccessDenied)
+	if !rt.plain { // a TLS alert would be garbage to SSH or OpenVPN
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write(alertAccessDenied)
+	}
 	s.log.Debug("access denied", "route", rt.label, "client", s.peer(c), "sni", sni, "reason", reason)
 	s.logEntry(ent, resultAccessDenied, reason)
 	return true

@@ -20,6 +20,7 @@ type route struct {
 	proxyProtocol string
 	term          *termRoute
 	access        *clientRules // allow/deny (transparent_allow for "original"); nil = open
+	plain         bool         // a protocol or silence route: no TLS
 }
 
 // dial connects to the route's upstream: its pool, or for the "original"
@@ -130,6 +131,7 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 }
 
 func (st *state) addProtocolRoute(rc *config.Route, r *route) {
+	r.plain = true
 	if rc.Protocol != "" {
 		if st.protocols == nil {
 			st.protocols = map[string]*route{}
@@ -203,7 +205,22 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.releaseHandshake()
 		return
 	}
-	hello, err := ReadClientHello(tc, helloTimeout, lim.MaxHelloBytes)
+	// The first bytes say TLS or another protocol (protocol routes, and
+	// plain HTTP to redirect); a TLS record header is never read past.
+	deadline := time.Now().Add(helloTimeout)
+	var silence time.Duration
+	if st.silence != nil {
+		silence = st.silenceFor
+	}
+	proto, got, err := sniff(tc, silence, deadline)
+	var hello *ClientHello
+	switch {
+	case err != nil:
+	case proto != protoTLS:
+		return s.servePlain(tc, st, proto, got, start, deadline)
+	default:
+		hello, err = ReadClientHello(&prefixConn{Conn: tc, pending: got}, time.Until(deadline), lim.MaxHelloBytes)
+	}
 	if err != nil {
 		s.releaseHandshake()
 		reason := HelloErrorReason(err)

@@ -84,7 +84,9 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 		logEnd(up, down, err, kernel)
 	}
 
-	if s.splicer != nil && st.cfg.Splice == "sockmap" && s.handOff(client) {
+	// Protocol routes stay on splice(2): a server that speaks first may
+	// send before the pair could be armed.
+	if s.splicer != nil && st.cfg.Splice == "sockmap" && !rt.plain && s.handOff(client) {
 		err := s.splicer.Splice(s.hardCtx, client, upConn, pre, lim.IdleTimeout.D(), func(up, down int64, err error) {
 			upBytes.Add(float64(up + helloLen))
 			downBytes.Add(float64(down))
