@@ -150,18 +150,21 @@ func (a *accessLog) run() {
 			bw.Reset(a.f) // drop the failed lines, keep going
 		}
 	}
+	// Lines are flushed at most accessLogFlush after they were queued, or
+	// when the buffer fills: one write(2) per burst, not per connection.
+	flushT := time.NewTimer(time.Hour)
+	flushT.Stop()
+	armed := false
 	for {
 		select {
 		case e := <-a.ch:
 			write(e)
-			for more := true; more; { // batch what is queued into one write
-				select {
-				case e := <-a.ch:
-					write(e)
-				default:
-					more = false
-				}
+			if !armed {
+				flushT.Reset(accessLogFlush)
+				armed = true
 			}
+		case <-flushT.C:
+			armed = false
 			flush()
 		case errc := <-a.reopen:
 			flush()
@@ -169,6 +172,7 @@ func (a *accessLog) run() {
 			bw.Reset(a.f)
 			errc <- err
 		case <-a.quit:
+			flushT.Stop()
 			for more := true; more; {
 				select {
 				case e := <-a.ch:
@@ -185,6 +189,9 @@ func (a *accessLog) run() {
 		}
 	}
 }
+
+// accessLogFlush bounds how long a line waits in the writer's buffer.
+const accessLogFlush = 100 * time.Millisecond
 
 // jsonEntry is the JSON form; field names are what filters match on.
 type jsonEntry struct {

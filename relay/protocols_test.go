@@ -128,3 +128,58 @@ func TestProtocolRoutes(t *testing.T) {
 		}
 	}
 }
+
+// TestProtocolRouteHTTPAndProxyHeader: a {protocol: http} route takes
+// plain HTTP on the TLS port (instead of the 308), and a protocol route
+// sends a PROXY header like a TLS passthrough does.
+func TestProtocolRouteHTTPAndProxyHeader(t *testing.T) {
+	lines := make(chan string, 4)
+	lineUp := rawUpstream(t, func(c *net.TCPConn) { // reports its first two lines
+		br := bufio.NewReader(c)
+		for range 2 {
+			l, _ := br.ReadString('\n')
+			lines <- l
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+	})
+	cfg := baseConfig(
+		config.Route{Protocol: "http", Passthrough: config.Upstreams{lineUp}},
+		config.Route{Protocol: "ssh", Passthrough: config.Upstreams{lineUp}, ProxyProtocol: "v1"},
+		config.Route{Match: "web.test", Reject: true},
+	)
+	r := startRelay(t, cfg)
+	c := dialRelay(t, r)
+	io.WriteString(c, "GET /x HTTP/1.1\r\nHost: web.test\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("http route: %v %+v", err, resp)
+	}
+	c.Close()
+	if l := <-lines; l != "GET /x HTTP/1.1\r\n" {
+		t.Errorf("http upstream got %q first", l)
+	}
+	<-lines
+
+	c = dialRelay(t, r)
+	io.WriteString(c, "SSH-2.0-client\r\n")
+	if l := <-lines; !strings.HasPrefix(l, "PROXY TCP4 127.0.0.1 127.0.0.1 ") {
+		t.Errorf("ssh upstream's first line %q, want a PROXY v1 header", l)
+	}
+	if l := <-lines; l != "SSH-2.0-client\r\n" {
+		t.Errorf("ssh upstream's second line %q", l)
+	}
+	c.Close()
+
+	c = dialRelay(t, r) // neither TLS nor a known protocol
+	io.WriteString(c, "\x01\x02garbage")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, _ := c.Read(make([]byte, 1)); n != 0 {
+		t.Error("garbage got an answer")
+	}
+	c.Close()
+	waitFor(t, func() bool {
+		m := r.metricsText(t)
+		return metricValue(m, `relay_clienthello_errors_total{reason="not_tls"}`) == 1 &&
+			metricValue(m, `relay_connections_total{action="passthrough",route="protocol:http"}`) == 1
+	})
+}
