@@ -298,3 +298,20 @@ func TestCrowdSecExample(t *testing.T) {
 		}
 	}
 }
+
+// TestAccessLogPerClientLimit: a connection refused by limits.per_client
+// leaves a line (fail2ban can count floods).
+func TestAccessLogPerClientLimit(t *testing.T) {
+	cfg := baseConfig(config.Route{Match: "rej.test", Reject: true})
+	cfg.Limits.PerClient = &config.PerClient{Rate: 0.01, Burst: 1}
+	path := filepath.Join(t.TempDir(), "access.log")
+	cfg.Log.Access = &config.AccessLog{Path: path, Format: "json"}
+	r := startRelay(t, cfg)
+	for range 2 {
+		r.dialTLS(t, "rej.test", nil)
+	}
+	lines := strings.Join(readAccessLog(t, path, 2), "\n")
+	if !strings.Contains(lines, `"client":"127.0.0.1"`) || !strings.Contains(lines, `"result":"refused","reason":"per_client_rate"`) {
+		t.Errorf("no per_client_rate line:\n%s", lines)
+	}
+}
