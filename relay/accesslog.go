@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -324,7 +325,7 @@ func (al *accessLogger) set(c *config.AccessLog, logf func(string, ...any)) erro
 	old := al.cur.Load()
 	if c == nil {
 		al.cur.Store(nil)
-	} else if old != nil && old.path == c.Path && old.format == c.Format {
+	} else if old != nil && old.path == c.Path && old.format == cmp.Or(c.Format, "json") {
 		return nil
 	} else {
 		a, err := newAccessLog(c, &al.dropped, logf)

@@ -128,20 +128,23 @@ func cmdServe(e *env, args []string) error {
 	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()
 	certs.runACME(ctx, mgr, cfg)
-	go watchReload(ctx, cfg.Path, srv, certs, log)
+	// Signals are caught before the listeners serve: a SIGHUP or SIGUSR1
+	// (logrotate) must never meet the default action, which kills.
+	hup, usr1 := make(chan os.Signal, 1), make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	signal.Notify(usr1, syscall.SIGUSR1) // reopen the access log
+	go func() {
+		defer signal.Stop(hup)
+		defer signal.Stop(usr1)
+		watchReload(ctx, cfg.Path, srv, certs, log, hup, usr1)
+	}()
 	return serveHandingOver(ctx, cancel, cfg, srv, takeover, log)
 }
 
 // watchReload reloads on SIGHUP and when the config file changes. The
 // directory is watched, not the file, because editors and config
 // managers replace files by rename.
-func watchReload(ctx context.Context, path string, srv *relay.Server, certs *certSources, log *slog.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	usr1 := make(chan os.Signal, 1) // logrotate: reopen the access log
-	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
+func watchReload(ctx context.Context, path string, srv *relay.Server, certs *certSources, log *slog.Logger, hup, usr1 <-chan os.Signal) {
 
 	var events <-chan fsnotify.Event
 	if w, err := fsnotify.NewWatcher(); err != nil {
