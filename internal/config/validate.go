@@ -303,6 +303,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	if len(errs) > 0 {
+		slices.SortStableFunc(errs, func(a, b *Error) int { return a.Line - b.Line }) // file order
 		return errs
 	}
 	return nil
