@@ -130,6 +130,8 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	return st, nil
 }
 
+// addProtocolRoute records a route chosen by the first bytes (a protocol)
+// or by their absence (silence) rather than by a TLS name.
 func (st *state) addProtocolRoute(rc *config.Route, r *route) {
 	r.plain = true
 	if rc.Protocol != "" {
