@@ -162,7 +162,7 @@ func (st *state) buildAccess(cfg *config.Config) error {
 		rc := &cfg.Routes[i]
 		r := st.routes[i]
 		if r.access, err = newClientRules(rc.Allow, rc.Deny, lan); err != nil {
-			return fmt.Errorf("route %s: %w", rc.Match, err)
+			return fmt.Errorf("route %s: %w", rc.Label(), err)
 		}
 	}
 	for _, p := range cfg.Listen.ProxyProtocolFrom {
