@@ -160,12 +160,9 @@ func (st *state) buildAccess(cfg *config.Config) error {
 	}
 	for i := range cfg.Routes {
 		rc := &cfg.Routes[i]
-		r, ok := st.table.lookup(rc.Match)
-		if !ok || r.label != normalizeName(rc.Match) {
-			continue
-		}
+		r := st.routes[i]
 		if r.access, err = newClientRules(rc.Allow, rc.Deny, lan); err != nil {
-			return fmt.Errorf("route %s: %w", rc.Match, err)
+			return fmt.Errorf("route %s: %w", rc.Label(), err)
 		}
 	}
 	for _, p := range cfg.Listen.ProxyProtocolFrom {
@@ -180,7 +177,7 @@ func (st *state) buildAccess(cfg *config.Config) error {
 
 // refused checks the client of c against rt's rules. A refused client is
 // counted, sent a TLS access_denied alert and logged; the caller closes c.
-func (s *Server) refused(c *net.TCPConn, rt *route, sni string) bool {
+func (s *Server) refused(c *net.TCPConn, rt *route, sni string, ent *accessEntry) bool {
 	if rt.access == nil {
 		return false
 	}
@@ -189,9 +186,12 @@ func (s *Server) refused(c *net.TCPConn, rt *route, sni string) bool {
 		return false
 	}
 	s.m.accessDenied.WithLabelValues(rt.label, reason).Inc()
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write(alertAccessDenied)
+	if !rt.plain { // a TLS alert would be garbage to SSH or OpenVPN
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write(alertAccessDenied)
+	}
 	s.log.Debug("access denied", "route", rt.label, "client", s.peer(c), "sni", sni, "reason", reason)
+	s.logEntry(ent, resultAccessDenied, reason)
 	return true
 }
 
@@ -211,6 +211,7 @@ func (s *Server) refusedHTTP(w http.ResponseWriter, r *http.Request, rt *route) 
 	}
 	s.m.accessDenied.WithLabelValues(rt.label, reason).Inc()
 	s.log.Debug("access denied", "route", rt.label, "client", r.RemoteAddr, "host", r.Host, "reason", reason)
+	noteResult(w, resultAccessDenied, reason)
 	http.Error(w, "access denied", http.StatusForbidden)
 	return true
 }

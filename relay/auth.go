@@ -41,15 +41,17 @@ const (
 
 // certRefused counts a handshake that client_auth failed: no certificate
 // where one is required, or one that does not verify against the CA.
-func (s *Server) certRefused(rt *route, err error) {
+func (s *Server) certRefused(rt *route, err error) bool {
 	if rt.term.tlsConf.ClientCAs == nil {
-		return
+		return false
 	}
 	var cve *tls.CertificateVerificationError
 	// crypto/tls has no error value for a missing certificate, only this text.
 	if errors.As(err, &cve) || strings.Contains(err.Error(), "didn't provide a certificate") {
 		s.m.accessDenied.WithLabelValues(rt.label, deniedClientCert).Inc()
+		return true
 	}
+	return false
 }
 
 // routeAuth is what a terminate route checks on every request: HTTP basic
@@ -122,6 +124,8 @@ type denial struct {
 	code   int
 	header http.Header
 	body   []byte
+	result string // for the access log: access_denied or upstream_error
+	reason string
 }
 
 // check runs a request through the route's checks: the certificate
@@ -144,17 +148,18 @@ func (a *routeAuth) check(req *http.Request, cs *tls.ConnectionState, client str
 		h := http.Header{}
 		h.Set("WWW-Authenticate", `Basic realm="`+a.basic.realm+`", charset="UTF-8"`)
 		h.Set("Content-Type", "text/plain; charset=utf-8")
-		return &denial{code: http.StatusUnauthorized, header: h, body: []byte("401 unauthorized\n")}
+		return &denial{code: http.StatusUnauthorized, header: h, body: []byte("401 unauthorized\n"), result: resultAccessDenied, reason: deniedBasicAuth}
 	}
 	if a.fwd != nil {
 		d, err := a.fwd.ask(req, client)
 		if err != nil {
 			a.s.m.upstreamErrors.WithLabelValues(a.label, "forward_auth").Inc()
 			a.s.log.Warn("forward auth", "route", a.label, "url", a.fwd.url.Redacted(), "err", err)
-			return &denial{code: http.StatusBadGateway, header: http.Header{}}
+			return &denial{code: http.StatusBadGateway, header: http.Header{}, result: resultUpstreamError, reason: "forward_auth"}
 		}
 		if d != nil {
 			a.s.m.accessDenied.WithLabelValues(a.label, deniedForwardAuth).Inc()
+			d.result, d.reason = resultAccessDenied, deniedForwardAuth
 			return d
 		}
 	}
@@ -176,6 +181,7 @@ func (s *Server) authorizeH1(h *h1Conn, req *http.Request) (ok, keep bool) {
 	if d == nil {
 		return true, false
 	}
+	h.status, h.result, h.reason = d.code, d.result, d.reason
 	h.startFinal()
 	keep = req.Body == http.NoBody && !req.Close && req.ProtoAtLeast(1, 1) && !s.term().draining.Load()
 	bw := getWriter(h.w)
@@ -206,6 +212,7 @@ func (s *Server) authorizeHTTP(w http.ResponseWriter, req *http.Request, rt *rou
 	if d == nil {
 		return true
 	}
+	noteResult(w, d.result, d.reason)
 	removeHopByHop(d.header)
 	d.header.Del("Content-Length")
 	copyHeader(w.Header(), d.header)

@@ -278,6 +278,10 @@ type h1Conn struct {
 	http11   bool   // the request being served is HTTP/1.1
 	clientIP string // for X-Forwarded-For
 
+	// The answer to the request being served, for the access log.
+	status         int
+	result, reason string
+
 	// hmu orders the body goroutine's 100 Continue with the answer's
 	// head: never after it, never inside it.
 	hmu       sync.Mutex
@@ -502,6 +506,15 @@ func (h *h1Conn) serve() bool {
 	req, err := http.ReadRequest(h.br)
 	h.limit = -1
 	h.tc.SetReadDeadline(time.Time{})
+	if err == nil {
+		if ent := h.s.requestEntry(h.cc, req); ent != nil {
+			h.status, h.result, h.reason = 0, "", ""
+			in, out := h.cc.in.Load(), h.cc.out.Load()
+			defer func() {
+				h.s.requestDone(ent, h.status, h.cc.in.Load()-in, h.cc.out.Load()-out, h.result, h.reason)
+			}()
+		}
+	}
 	if err != nil {
 		var ne net.Error
 		switch {
@@ -559,6 +572,7 @@ func (h *h1Conn) serve() bool {
 		}
 		h.s.m.upstreamErrors.WithLabelValues(h.p.label, dialErrorReason(err)).Inc()
 		h.s.log.Warn("upstream request", "route", h.p.label, "upstream", h.p.addr, "err", err)
+		h.result, h.reason = resultUpstreamError, dialErrorReason(err)
 		// A body the upstream did not take is still on the connection.
 		return h.reply(upstreamStatus(err), "", req.Body == http.NoBody && !closeAfter)
 	}
@@ -761,6 +775,7 @@ func (h *h1Conn) abandonBody() {
 // respond streams resp to the client and puts the upstream connection
 // back when it can carry another request.
 func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgrade string, closeAfter bool) (keep bool) {
+	h.status = resp.StatusCode
 	h.startFinal()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		if upgrade == "" || !strings.EqualFold(resp.Header.Get("Upgrade"), upgrade) {
@@ -901,6 +916,7 @@ func (h *h1Conn) tunnel(resp *http.Response, u *upConn) {
 // reply answers with a short error; true when the connection goes on
 // (keep, and the relay is not draining).
 func (h *h1Conn) reply(code int, msg string, keep bool) bool {
+	h.status = code
 	h.startFinal()
 	bw := getWriter(h.w)
 	defer putWriter(bw)
@@ -1066,6 +1082,7 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		p.s.m.upstreamErrors.WithLabelValues(p.label, dialErrorReason(err)).Inc()
 		p.s.log.Warn("upstream request", "route", p.label, "upstream", p.addr, "err", err)
+		noteResult(w, resultUpstreamError, dialErrorReason(err))
 		w.WriteHeader(upstreamStatus(err))
 		return
 	}

@@ -573,6 +573,12 @@ func (c *h2Conn) writeReset(id uint32, code http2.ErrCode) {
 // serveStream runs the handler for one stream.
 func (c *h2Conn) serveStream(st *h2StreamState, req *http.Request, status int) {
 	rw := &h2Response{st: st, h: make(http.Header)}
+	if ent := c.s.requestEntry(c.cc, req); ent != nil {
+		defer func() {
+			in := max(req.ContentLength, 0)
+			c.s.requestDone(ent, rw.status, in, rw.n, rw.result, rw.reason)
+		}()
+	}
 	defer func() {
 		aborted := false
 		if r := recover(); r != nil {
@@ -898,7 +904,12 @@ type h2Response struct {
 	h      http.Header
 	status int  // the final status, once written
 	sent   bool // its HEADERS frame is out
+
+	n              int64 // body bytes written, for the access log
+	result, reason string
 }
+
+func (w *h2Response) noteResult(result, reason string) { w.result, w.reason = result, reason }
 
 func (w *h2Response) Header() http.Header { return w.h }
 
@@ -931,6 +942,7 @@ func (w *h2Response) Write(p []byte) (int, error) {
 	if err := w.data(p, false); err != nil {
 		return 0, err
 	}
+	w.n += int64(len(p))
 	return len(p), nil
 }
 

@@ -20,6 +20,7 @@ type route struct {
 	proxyProtocol string
 	term          *termRoute
 	access        *clientRules // allow/deny (transparent_allow for "original"); nil = open
+	plain         bool         // a protocol or silence route: no TLS
 }
 
 // dial connects to the route's upstream: its pool, or for the "original"
@@ -38,7 +39,11 @@ func (r *route) dial(ctx context.Context, timeout time.Duration, dst netip.AddrP
 // state is one configuration ready to serve, swapped atomically on reload.
 type state struct {
 	cfg        *config.Config
-	table      *routeTable[*route]
+	table      *routeTable[*routeSet]
+	routes     []*route          // in the order of cfg.Routes
+	protocols  map[string]*route // match: {protocol: ...}
+	silence    *route            // match: {silence: ...}; nil = none
+	silenceFor time.Duration
 	unknown    *route // unknown_sni naming a route; nil otherwise
 	unknownSNI string // original | reject | route
 	original   *route
@@ -51,14 +56,19 @@ type state struct {
 func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	st := &state{
 		cfg:      cfg,
-		table:    newRouteTable[*route](),
+		table:    newRouteTable[*routeSet](),
 		names:    newRouteTable[bool](),
 		original: &route{label: labelOriginal, action: "passthrough", original: s},
 		reject:   &route{label: labelUnknown, action: "reject"},
 	}
 	for i := range cfg.Routes {
 		rc := &cfg.Routes[i]
-		r := &route{label: normalizeName(rc.Match), action: rc.Action(), proxyProtocol: rc.ProxyProtocol}
+		label := rc.Label()
+		if rc.IsName() && len(rc.ALPN) == 0 {
+			label = normalizeName(rc.Match)
+		}
+		r := &route{label: label, action: rc.Action(), proxyProtocol: rc.ProxyProtocol}
+		st.routes = append(st.routes, r)
 		switch r.action {
 		case "passthrough":
 			r.pool = &pool{}
@@ -67,20 +77,37 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 			}
 		case "terminate":
 			if s.opts.Certs == nil {
-				return nil, fmt.Errorf("route %s: terminate needs a certificate source (Options.Certs)", rc.Match)
+				return nil, fmt.Errorf("route %s: terminate needs a certificate source (Options.Certs)", label)
 			}
 			certs, err := s.opts.Certs(rc)
 			if err != nil {
-				return nil, fmt.Errorf("route %s: certificates: %w", rc.Match, err)
+				return nil, fmt.Errorf("route %s: certificates: %w", label, err)
 			}
 			if r.term, err = s.newTermRoute(r.label, rc.Terminate, certs); err != nil {
-				return nil, fmt.Errorf("route %s: %w", rc.Match, err)
+				return nil, fmt.Errorf("route %s: %w", label, err)
 			}
 			if r.term.closeIdle != nil {
 				st.closeIdle = append(st.closeIdle, r.term.closeIdle)
 			}
 		}
-		st.table.add(rc.Match, r)
+		if !rc.IsName() {
+			st.addProtocolRoute(rc, r)
+			continue
+		}
+		rs, ok := st.table.lookupExactKey(rc.Match)
+		if !ok {
+			rs = &routeSet{byALPN: map[string]*route{}}
+			st.table.add(rc.Match, rs)
+		}
+		if len(rc.ALPN) == 0 {
+			rs.plain = r
+		}
+		if rs.first == nil {
+			rs.first = r
+		}
+		for _, p := range rc.ALPN {
+			rs.byALPN[p] = r
+		}
 		if r.action != "reject" {
 			st.names.add(rc.Match, true)
 		}
@@ -94,7 +121,7 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	case "reject":
 		st.unknownSNI = "reject"
 	default:
-		r, ok := st.table.lookup(u)
+		r, ok := lookupRoute(st.table, u, nil)
 		if !ok {
 			return nil, fmt.Errorf("unknown_sni: no route with match %q", u)
 		}
@@ -103,10 +130,24 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	return st, nil
 }
 
+// addProtocolRoute records a route chosen by the first bytes (a protocol)
+// or by their absence (silence) rather than by a TLS name.
+func (st *state) addProtocolRoute(rc *config.Route, r *route) {
+	r.plain = true
+	if rc.Protocol != "" {
+		if st.protocols == nil {
+			st.protocols = map[string]*route{}
+		}
+		st.protocols[rc.Protocol] = r
+		return
+	}
+	st.silence, st.silenceFor = r, rc.Silence.D()
+}
+
 // resolve picks the route for a server name. transit says the client
 // addressed some other host (REDIRECTed), not this gateway.
-func (st *state) resolve(name string, transit bool) *route {
-	if r, ok := st.table.lookup(name); ok {
+func (st *state) resolve(name string, alpn []string, transit bool) *route {
+	if r, ok := lookupRoute(st.table, name, alpn); ok {
 		return r
 	}
 	switch st.unknownSNI {
@@ -154,6 +195,7 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.log.Error("https listener returned a non-TCP connection", "type", fmt.Sprintf("%T", c))
 		return
 	}
+	start := time.Now()
 	st := s.state.Load()
 	lim := st.cfg.Limits
 	if !s.acquireHandshake(lim.HelloTimeout.D()) {
@@ -165,12 +207,28 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.releaseHandshake()
 		return
 	}
-	hello, err := ReadClientHello(tc, helloTimeout, lim.MaxHelloBytes)
+	// The first bytes say TLS or another protocol (protocol routes, and
+	// plain HTTP to redirect); a TLS record header is never read past.
+	deadline := time.Now().Add(helloTimeout)
+	var silence time.Duration
+	if st.silence != nil {
+		silence = st.silenceFor
+	}
+	proto, got, err := sniff(tc, silence, deadline)
+	var hello *ClientHello
+	switch {
+	case err != nil:
+	case proto != protoTLS:
+		return s.servePlain(tc, st, proto, got, start, deadline)
+	default:
+		hello, err = ReadClientHello(&prefixConn{Conn: tc, pending: got}, time.Until(deadline), lim.MaxHelloBytes)
+	}
 	if err != nil {
 		s.releaseHandshake()
 		reason := HelloErrorReason(err)
 		s.m.helloErrors.WithLabelValues(reason).Inc()
 		s.log.Debug("clienthello", "client", s.peer(c), "reason", reason, "err", err)
+		s.logEntry(s.connEntry(c, start, nil, nil), resultError, reason)
 		return
 	}
 	if !s.routed(c) {
@@ -183,8 +241,9 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		s.serveALPNChallenge(tc, hello)
 		return
 	}
-	rt := st.resolve(hello.ServerName, transit)
-	if rt.action != "reject" && s.refused(tc, rt, hello.ServerName) {
+	rt := st.resolve(hello.ServerName, hello.ALPN, transit)
+	ent := s.connEntry(c, start, hello, rt)
+	if rt.action != "reject" && s.refused(tc, rt, hello.ServerName, ent) {
 		s.releaseHandshake()
 		return false
 	}
@@ -195,12 +254,13 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		tc.SetWriteDeadline(time.Now().Add(time.Second))
 		tc.Write(alertUnrecognizedName)
 		s.log.Debug("rejected", "route", rt.label, "client", s.peer(c), "sni", hello.ServerName, "dst", dst)
+		s.logEntry(ent, resultRefused, "")
 	case "passthrough":
 		s.releaseHandshake()
 		s.log.Debug("passthrough", "route", rt.label, "client", s.peer(c), "sni", hello.ServerName, "dst", dst, "transit", transit)
-		return s.passthrough(tc, hello, rt, dst)
+		return s.passthrough(tc, hello, rt, dst, ent)
 	case "terminate":
-		return s.terminate(tc, hello, rt) // releases the handshake slot after the TLS handshake
+		return s.terminate(tc, hello, rt, ent) // releases the handshake slot after the TLS handshake
 	}
 	return false
 }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"time"
 )
@@ -18,10 +19,38 @@ func (s *Server) newHTTPPortServer() *http.Server {
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		host := hostOnly(r.Host)
 		st := s.state.Load()
-		rt, routed := st.table.lookup(host)
+		var ent *accessEntry
+		if s.alog.on() {
+			ap, _ := netip.ParseAddrPort(r.RemoteAddr)
+			ent = &accessEntry{Time: time.Now(), Client: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), Route: labelUnknown, Action: "http",
+				Method: r.Method, Host: r.Host, Path: r.URL.Path, Referer: r.Referer(), UserAgent: r.UserAgent()}
+			if len(ent.Path) > maxLoggedPath {
+				ent.Path = ent.Path[:maxLoggedPath]
+			}
+			sw := &statusWriter{ResponseWriter: w}
+			w = sw
+			defer func() {
+				res := sw.result
+				if res == "" && sw.status == http.StatusNotFound {
+					res = resultRefused
+				}
+				s.requestDone(ent, sw.status, max(r.ContentLength, 0), sw.n, res, sw.reason)
+			}()
+		}
+		rt, routed := lookupRoute(st.table, host, nil)
+		if !routed { // a name with alpn routes only is routed all the same
+			if e, w, okE, okW := st.table.lookupBoth(host); okE {
+				rt, routed = e.first, true
+			} else if okW {
+				rt, routed = w.first, true
+			}
+		}
 		label := labelUnknown
 		if routed {
 			label = rt.label
+		}
+		if ent != nil {
+			ent.Route = label
 		}
 		if token, ok := strings.CutPrefix(r.URL.Path, acmeChallengePrefix); ok && s.opts.HTTPChallenges != nil {
 			if ka, ok := s.opts.HTTPChallenges.HTTP01(host, token); ok {
@@ -34,6 +63,9 @@ func (s *Server) newHTTPPortServer() *http.Server {
 		if routed && rt.action != "reject" {
 			if s.refusedHTTP(w, r, rt) {
 				return
+			}
+			if ent != nil {
+				ent.Action = "redirect"
 			}
 			s.m.connections.WithLabelValues(label, "redirect").Inc()
 			target := "https://" + host + r.URL.RequestURI()

@@ -22,7 +22,7 @@ var ErrIdle = errors.New("idle timeout")
 // dial, optional PROXY header, replay the peeked ClientHello, then splice.
 // It reports whether the connection was handed to the kernel (sockmap):
 // then it lives on after this returns and is released when it ends.
-func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route, dst netip.AddrPort) (detached bool) {
+func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route, dst netip.AddrPort, ent *accessEntry) (detached bool) {
 	s.m.connections.WithLabelValues(rt.label, "passthrough").Inc()
 	active := s.m.active.WithLabelValues(rt.label, "passthrough")
 	active.Inc()
@@ -35,7 +35,14 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	if err != nil {
 		active.Dec()
 		s.log.Warn("upstream unreachable", "route", rt.label, "sni", hello.ServerName, "client", s.peer(client), "err", err)
+		if ent != nil {
+			ent.Upstream = addr
+		}
+		s.logEntry(ent, resultUpstreamError, dialErrorReason(err))
 		return false
+	}
+	if ent != nil {
+		ent.Upstream = addr
 	}
 	// What the end of the connection needs, not the hello itself: a
 	// connection in the kernel keeps only this.
@@ -63,13 +70,23 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 		}
 		s.log.Debug("passthrough done", "route", label, "sni", sni, "client", clientAddr, "upstream", addr,
 			"up", up+helloLen, "down", down, "kernel", kernel, "err", err)
+		if ent != nil {
+			ent.Up, ent.Down = up+helloLen, down
+			res, reason := endResult(err)
+			if ent.Result != "" { // set before the copy (a failed replay)
+				res, reason = ent.Result, ent.Reason
+			}
+			s.logEntry(ent, res, reason)
+		}
 	}
 	ended := func(up, down int64, err error, kernel bool) {
 		upConn.Close()
 		logEnd(up, down, err, kernel)
 	}
 
-	if s.splicer != nil && st.cfg.Splice == "sockmap" && s.handOff(client) {
+	// Protocol routes stay on splice(2): a server that speaks first may
+	// send before the pair could be armed.
+	if s.splicer != nil && st.cfg.Splice == "sockmap" && !rt.plain && s.handOff(client) {
 		err := s.splicer.Splice(s.hardCtx, client, upConn, pre, lim.IdleTimeout.D(), func(up, down int64, err error) {
 			upBytes.Add(float64(up + helloLen))
 			downBytes.Add(float64(down))
@@ -83,6 +100,9 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 		if !errors.Is(err, errors.ErrUnsupported) {
 			s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
 			logWarn("sockmap splice", err)
+			if ent != nil {
+				ent.Result, ent.Reason = resultUpstreamError, "write"
+			}
 			ended(0, 0, err, true)
 			return false
 		}
@@ -92,6 +112,9 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	if _, err := upConn.Write(pre); err != nil {
 		s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
 		logWarn("replay hello to upstream", err)
+		if ent != nil {
+			ent.Result, ent.Reason = resultUpstreamError, "write"
+		}
 		ended(0, 0, err, false)
 		return false
 	}
@@ -169,15 +192,28 @@ func (s *Server) passthroughHTTP(client *net.TCPConn, dst netip.AddrPort) {
 	active.Inc()
 	defer active.Dec()
 	lim := st.cfg.Limits
+	ent := s.connEntry(client, time.Now(), nil, nil)
+	if ent != nil {
+		ent.Route, ent.Action = labelOriginal, "http"
+	}
 	up, addr, err := s.dialOriginal(context.Background(), lim.DialTimeout.D(), dst)
+	if ent != nil {
+		ent.Upstream = addr
+	}
 	if err != nil {
 		s.m.upstreamErrors.WithLabelValues(labelOriginal, dialErrorReason(err)).Inc()
 		s.log.Info("original destination unreachable", "client", client.RemoteAddr(), "dst", addr, "err", err)
+		s.logEntry(ent, resultUpstreamError, dialErrorReason(err))
 		return
 	}
 	defer up.Close()
-	spliceCopier{}.pipe(client, up, lim.IdleTimeout.D(),
+	n, m, err := spliceCopier{}.pipe(client, up, lim.IdleTimeout.D(),
 		s.m.bytes.WithLabelValues(labelOriginal, "upstream"), s.m.bytes.WithLabelValues(labelOriginal, "downstream"))
+	if ent != nil {
+		ent.Up, ent.Down = n, m
+		res, reason := endResult(err)
+		s.logEntry(ent, res, reason)
+	}
 }
 
 // adder is a byte counter (the relay's per-route metrics).

@@ -211,6 +211,9 @@ func (s *Server) countClient(c net.Conn, a, src netip.AddrPort, lim *config.PerC
 		if !ok {
 			s.m.limitRejections.WithLabelValues(limit).Inc()
 			s.log.Debug("per-client limit reached: refusing", "client", a, "limit", limit)
+			if s.alog.on() { // for fail2ban: a flood is one client's many lines (dropped past the queue)
+				s.alog.add(&accessEntry{Time: time.Now(), Client: netip.AddrPortFrom(a.Addr().Unmap(), a.Port()), Result: resultRefused, Reason: limit})
+			}
 			return false
 		}
 		cc.key, cc.counted = k, true

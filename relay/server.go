@@ -79,8 +79,9 @@ type Server struct {
 	hardCancel context.CancelFunc
 	closing    bool
 
-	reloadMu sync.Mutex // serializes Reload
-	clients  clients    // per-client limits and PROXY sources
+	alog     accessLogger // log.access
+	reloadMu sync.Mutex   // serializes Reload
+	clients  clients      // per-client limits and PROXY sources
 }
 
 // New builds a Server and opens its listeners. Close (or Serve returning)
@@ -114,10 +115,14 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.m = m
+	if err := s.reg.Register(droppedCollector{&s.alog.dropped}); err != nil {
+		return nil, fmt.Errorf("relay metrics: %w", err)
+	}
 	st, err := s.buildState(opts.Config)
 	if err != nil {
 		return nil, err
 	}
+
 	s.state.Store(st)
 	s.handshakes = make(chan struct{}, st.cfg.Limits.MaxHandshakes)
 
@@ -139,6 +144,10 @@ func New(opts Options) (*Server, error) {
 			s.closeListeners()
 			return nil, fmt.Errorf("listen metrics on %s: %w (change listen.metrics, or \"off\")", cfg.Listen.Metrics, err)
 		}
+	}
+	if err := s.alog.set(cfg.Log.Access, s.log.Warn); err != nil {
+		s.closeListeners()
+		return nil, err
 	}
 	return s, nil
 }
@@ -200,6 +209,9 @@ func (s *Server) Reload(cfg *config.Config) error {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
 	st, err := s.buildState(cfg)
+	if err == nil {
+		err = s.alog.set(cfg.Log.Access, s.log.Warn)
+	}
 	if err != nil {
 		s.m.reloads.WithLabelValues("failure").Inc()
 		return err
@@ -301,6 +313,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	s.closeListeners()
 	wg.Wait()
+	s.alog.close()
 	return err
 }
 

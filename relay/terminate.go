@@ -206,9 +206,9 @@ func (s *Server) state0Limits() config.Limits {
 // handshake slot once the TLS handshake is done. HTTP connections live on
 // in the http server, which releases them when it closes them: for those
 // it returns true.
-func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (detached bool) {
+func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route, ent *accessEntry) (detached bool) {
 	lim := s.state.Load().cfg.Limits
-	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, s: s, remote: s.peer(client)}
+	cc := &termConn{Conn: client, pending: hello.Raw, route: rt, s: s, remote: s.peer(client), ent: ent}
 	tlsConn := tls.Server(cc, rt.term.tlsConf)
 	client.SetDeadline(time.Now().Add(lim.HelloTimeout.D()))
 	err := tlsConn.Handshake()
@@ -216,15 +216,19 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	s.releaseHandshake()
 	if err != nil {
 		s.m.tlsErrors.WithLabelValues(rt.label).Inc()
-		s.certRefused(rt, err) // client_auth: relay_access_denied_total
 		s.log.Info("tls handshake", "route", rt.label, "sni", hello.ServerName, "client", cc.remote, "err", err)
+		if s.certRefused(rt, err) { // client_auth: relay_access_denied_total
+			s.logEntry(ent, resultAccessDenied, deniedClientCert)
+		} else {
+			s.logEntry(ent, resultError, "tls_handshake")
+		}
 		return false
 	}
 	s.m.connections.WithLabelValues(rt.label, "terminate").Inc()
 	s.m.active.WithLabelValues(rt.label, "terminate").Inc()
 	cc.counted = true
 	if rt.term.tcpAddr != "" {
-		s.terminateTCP(tlsConn, rt, lim)
+		s.terminateTCP(tlsConn, rt, lim, ent)
 		return false
 	}
 	// The http server owns the conn until it closes it, which releases it.
@@ -248,25 +252,35 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 }
 
 // terminateTCP copies between the TLS connection and a raw TCP upstream.
-func (s *Server) terminateTCP(tlsConn *tls.Conn, rt *route, lim config.Limits) {
+func (s *Server) terminateTCP(tlsConn *tls.Conn, rt *route, lim config.Limits, ent *accessEntry) {
 	defer tlsConn.Close()
+	if ent != nil {
+		ent.Upstream = rt.term.tcpAddr
+	}
 	up, err := dialer(lim.DialTimeout.D()).Dial("tcp", rt.term.tcpAddr)
 	if err != nil {
 		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
 		s.log.Warn("upstream unreachable", "route", rt.label, "upstream", rt.term.tcpAddr, "err", err)
+		s.logEntry(ent, resultUpstreamError, dialErrorReason(err))
 		return
 	}
 	defer up.Close()
 	var wg sync.WaitGroup
+	var n int64
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		io.Copy(up, tlsConn)
+		n, _ = io.Copy(up, tlsConn)
 		up.(*net.TCPConn).CloseWrite()
 	}()
-	io.Copy(tlsConn, up)
+	m, err := io.Copy(tlsConn, up)
 	tlsConn.CloseWrite()
 	wg.Wait()
+	if ent != nil {
+		ent.Up, ent.Down = n, m
+		res, reason := endResult(err)
+		s.logEntry(ent, res, reason)
+	}
 }
 
 // termConn replays the peeked ClientHello to crypto/tls, counts bytes, and
@@ -280,9 +294,10 @@ type termConn struct {
 	s       *Server
 	in, out atomic.Int64
 	once    sync.Once
-	counted bool     // past the handshake: in relay_active_connections
-	release bool     // set before the hand-off to the http server: Close releases the conn
-	remote  net.Addr // the client: its PROXY header's source, else the socket's peer
+	counted bool         // past the handshake: in relay_active_connections
+	release bool         // set before the hand-off to the http server: Close releases the conn
+	remote  net.Addr     // the client: its PROXY header's source, else the socket's peer
+	ent     *accessEntry // the access log's connection fields, copied for each request; nil = no log
 }
 
 // RemoteAddr is the client's address (X-Forwarded-For, logs), which a
@@ -395,6 +410,9 @@ func (ts *termServer) goneLocked() {
 
 type routeCtxKey struct{}
 
+// termConnCtxKey carries a request's *termConn (for the access log).
+type termConnCtxKey struct{}
+
 func (s *Server) term() *termServer {
 	s.termOnce.Do(func() {
 		ts := &termServer{conns: make(chan net.Conn), stop: make(chan struct{}), h1: make(map[*h1Conn]struct{}), h2: make(map[*h2Conn]struct{})}
@@ -409,6 +427,12 @@ func (s *Server) term() *termServer {
 					http.Error(w, "no route", http.StatusMisdirectedRequest)
 					return
 				}
+				cc, _ := r.Context().Value(termConnCtxKey{}).(*termConn)
+				if ent := s.requestEntry(cc, r); ent != nil {
+					sw := &statusWriter{ResponseWriter: w}
+					w = sw
+					defer func() { s.requestDone(ent, sw.status, max(r.ContentLength, 0), sw.n, sw.result, sw.reason) }()
+				}
 				if !s.authorizeHTTP(w, r, rt) {
 					return
 				}
@@ -417,6 +441,7 @@ func (s *Server) term() *termServer {
 			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 				if tc, ok := c.(*tls.Conn); ok {
 					if cc, ok := tc.NetConn().(*termConn); ok {
+						ctx = context.WithValue(ctx, termConnCtxKey{}, cc)
 						return context.WithValue(ctx, routeCtxKey{}, cc.route)
 					}
 				}

@@ -9,7 +9,7 @@ if ! command -v h2spec >/dev/null 2>&1 && [ -x "$go" ] && [ ! -x "$("$go" env GO
 	"$go" install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
 fi
 need=()
-for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils testssl:testssl.sh; do
+for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils fail2ban-regex:fail2ban sshd:openssh-server ssh:openssh-client openvpn:openvpn testssl:testssl.sh; do
 	command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p#*:}")
 done
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
@@ -19,5 +19,12 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# The tests run their own sshd, openvpn and fail2ban-regex: never let the
+# packages start their daemons (sshd on the host's port 22).
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+	printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+	chmod 755 /usr/sbin/policy-rc.d
+	trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -37,3 +37,6 @@ if [ -d /run/systemd/system ] || [ -d /etc/systemd/system ]; then
 	command -v systemctl >/dev/null && systemctl daemon-reload 2>/dev/null || true
 	echo "installed units; start with: systemctl enable --now relay-rules relay.socket relay"
 fi
+if [ -d /etc/logrotate.d ]; then
+	install -m 0644 scripts/logrotate/relay /etc/logrotate.d/relay # for log.access in /var/log/relay
+fi

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -127,17 +128,23 @@ func cmdServe(e *env, args []string) error {
 	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()
 	certs.runACME(ctx, mgr, cfg)
-	go watchReload(ctx, cfg.Path, srv, certs, log)
+	// Signals are caught before the listeners serve: a SIGHUP or SIGUSR1
+	// (logrotate) must never meet the default action, which kills.
+	hup, usr1 := make(chan os.Signal, 1), make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	signal.Notify(usr1, syscall.SIGUSR1) // reopen the access log
+	go func() {
+		defer signal.Stop(hup)
+		defer signal.Stop(usr1)
+		watchReload(ctx, cfg.Path, srv, certs, log, hup, usr1)
+	}()
 	return serveHandingOver(ctx, cancel, cfg, srv, takeover, log)
 }
 
 // watchReload reloads on SIGHUP and when the config file changes. The
 // directory is watched, not the file, because editors and config
 // managers replace files by rename.
-func watchReload(ctx context.Context, path string, srv *relay.Server, certs *certSources, log *slog.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+func watchReload(ctx context.Context, path string, srv *relay.Server, certs *certSources, log *slog.Logger, hup, usr1 <-chan os.Signal) {
 
 	var events <-chan fsnotify.Event
 	if w, err := fsnotify.NewWatcher(); err != nil {
@@ -195,6 +202,12 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 			return
 		case <-hup:
 			reload("SIGHUP")
+		case <-usr1:
+			if err := srv.ReopenAccessLog(); err != nil {
+				log.Error("reopen access log", "err", err)
+			} else {
+				log.Info("access log reopened (SIGUSR1)")
+			}
 		case ev, ok := <-events:
 			if !ok {
 				events = nil
@@ -478,8 +491,8 @@ func newACME(cfg *config.Config, log *slog.Logger) (*acme.Manager, error) {
 func acmeNames(cfg *config.Config) []string {
 	var names []string
 	for _, r := range cfg.Routes {
-		if r.Terminate != nil && r.Terminate.TLS.Mode == "acme" {
-			names = append(names, config.NormalizeName(r.Match))
+		if n := config.NormalizeName(r.Match); r.Terminate != nil && r.Terminate.TLS.Mode == "acme" && !slices.Contains(names, n) {
+			names = append(names, n) // a name with alpn routes has one certificate
 		}
 	}
 	return names

@@ -3,6 +3,7 @@
 package config
 
 import (
+	"strings"
 	"time"
 )
 
@@ -117,12 +118,29 @@ type Rate float64
 type Log struct {
 	Level  string `yaml:"level"`  // debug | info (default) | warn | error
 	Format string `yaml:"format"` // text (default) | json
+	// Access is the access log (one line per connection, and per request
+	// on terminate routes); nil = none.
+	Access *AccessLog `yaml:"access"`
+}
+
+// AccessLog is log.access.
+type AccessLog struct {
+	Path   string `yaml:"path"`   // a file (created 0640, reopened on SIGUSR1) or "stdout"
+	Format string `yaml:"format"` // json (default) | combined
 }
 
 // Route is one entry of routes:. Exactly one of Passthrough, Terminate,
 // Reject is set.
 type Route struct {
-	Match         string     `yaml:"match"`
+	// Match is the server name (string form, or the sni of the map form);
+	// "" for protocol and silence routes.
+	Match string `yaml:"match"`
+	// From the map form of match: ALPN protocols (any one offered by the
+	// client selects the route), or a non-TLS protocol (ssh, openvpn,
+	// http), or Silence: clients that send nothing for that long.
+	ALPN          []string   `yaml:"-"`
+	Protocol      string     `yaml:"-"`
+	Silence       Duration   `yaml:"-"`
 	Passthrough   Upstreams  `yaml:"passthrough"`    // one address or a list (round-robin with failover)
 	ProxyProtocol string     `yaml:"proxy_protocol"` // "" | v1 | v2
 	Terminate     *Terminate `yaml:"terminate"`
@@ -135,6 +153,30 @@ type Route struct {
 
 	// Line is the line of this route in the file, for error messages.
 	Line int `yaml:"-"`
+
+	matchMap bool // match was written as a map
+}
+
+// IsName reports whether the route is selected by a TLS server name
+// (with or without ALPN), not by a protocol or silence.
+func (r *Route) IsName() bool { return r.Protocol == "" && r.Silence == 0 }
+
+// Protocols a route's match may name (match: {protocol: ...}).
+var Protocols = []string{"ssh", "openvpn", "http"}
+
+// Label is the route's metrics label: the match for a name, else
+// "NAME alpn=a,b", "protocol:ssh" or "silence:5s". Fixed by the config,
+// never by a client.
+func (r *Route) Label() string {
+	switch {
+	case r.Protocol != "":
+		return "protocol:" + r.Protocol
+	case r.Silence > 0:
+		return "silence:" + r.Silence.D().String()
+	case len(r.ALPN) > 0:
+		return NormalizeName(r.Match) + " alpn=" + strings.Join(r.ALPN, ",")
+	}
+	return r.Match
 }
 
 // Action names what a route does; it is also the metrics "action" label.

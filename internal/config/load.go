@@ -147,7 +147,7 @@ type keySpec map[string]keySpec
 var listKeys = keySpec{"[]": nil}
 
 var routeKeys = keySpec{
-	"match": nil, "passthrough": nil, "proxy_protocol": nil, "reject": nil, "allow": listKeys, "deny": listKeys,
+	"match": {"sni": nil, "alpn": listKeys, "protocol": nil, "silence": nil}, "passthrough": nil, "proxy_protocol": nil, "reject": nil, "allow": listKeys, "deny": listKeys,
 	"terminate": {"upstream": nil, "tls": {"cert": nil, "key": nil}, "upstream_ca": nil, "upstream_insecure": nil, "hsts": nil,
 		"client_auth": {"ca": nil, "required": nil}, "basic_auth": {"users_file": nil},
 		"forward_auth": {"url": nil, "copy_headers": nil}},
@@ -162,7 +162,7 @@ var reflectKeys = keySpec{
 	"limits": {"hello_timeout": nil, "max_hello_bytes": nil, "idle_timeout": nil, "max_connections": nil,
 		"max_handshakes": nil, "drain_timeout": nil, "dial_timeout": nil,
 		"per_client": {"connections": nil, "rate": nil, "burst": nil}},
-	"log":    {"level": nil, "format": nil},
+	"log":    {"level": nil, "format": nil, "access": {"path": nil, "format": nil}},
 	"routes": {"[]": routeKeys},
 }
 
@@ -329,14 +329,43 @@ func (t *TLS) UnmarshalYAML(n *yaml.Node) error {
 	return fmt.Errorf("line %d: tls must be acme, internal or {cert: FILE, key: FILE}", n.Line)
 }
 
-// UnmarshalYAML records the route's line.
+// UnmarshalYAML records the route's line and reads the map form of
+// match ({sni, alpn}, {protocol}, {silence}).
 func (r *Route) UnmarshalYAML(n *yaml.Node) error {
 	type plain Route
 	var p plain
+	var m *matchMap
+	if n.Kind == yaml.MappingNode {
+		c := *n
+		c.Content = nil
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if k, v := n.Content[i], n.Content[i+1]; k.Value == "match" && v.Kind == yaml.MappingNode {
+				m = &matchMap{}
+				if err := v.Decode(m); err != nil {
+					return err
+				}
+				continue
+			}
+			c.Content = append(c.Content, n.Content[i], n.Content[i+1])
+		}
+		n = &c
+	}
 	if err := n.Decode(&p); err != nil {
 		return err
 	}
 	*r = Route(p)
+	if m != nil {
+		r.Match, r.ALPN, r.Protocol, r.Silence = m.SNI, m.ALPN, m.Protocol, m.Silence
+		r.matchMap = true
+	}
 	r.Line = n.Line
 	return nil
+}
+
+// matchMap is the map form of a route's match.
+type matchMap struct {
+	SNI      string   `yaml:"sni"`
+	ALPN     []string `yaml:"alpn"`
+	Protocol string   `yaml:"protocol"`
+	Silence  Duration `yaml:"silence"`
 }

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -39,6 +40,9 @@ func (c *Config) ApplyDefaults() {
 	def(&c.ACME.KeyType, "ec256")
 	def(&c.Log.Level, "info")
 	def(&c.Log.Format, "text")
+	if c.Log.Access != nil {
+		def(&c.Log.Access.Format, "json")
+	}
 	if len(c.Steer.HTTPSPorts) == 0 {
 		c.Steer.HTTPSPorts = []int{443}
 	}
@@ -213,25 +217,24 @@ func (c *Config) Validate() error {
 	}
 	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
 	oneOf("log.format", c.Log.Format, "text", "json")
+	if a := c.Log.Access; a != nil {
+		oneOf("log.access.format", a.Format, "json", "combined")
+		if a.Path == "" {
+			add("log.access", "log.access without path", "write log: {access: {path: /var/log/relay/access.log}} (or path: stdout)")
+		} else if a.Path != "stdout" && !strings.HasPrefix(a.Path, "/") {
+			add("log.access.path", fmt.Sprintf("log.access.path %q is not an absolute path", a.Path), "write an absolute path like /var/log/relay/access.log, or stdout")
+		}
+	}
 
 	// routes
-	first := map[string]int{}
+	first := map[string]int{}     // name → line of its route without alpn
+	firstALPN := map[string]int{} // name + "\x00" + protocol → line
+	firstKind := map[string]int{} // "protocol:ssh", "silence" → line
 	for i := range c.Routes {
 		r := &c.Routes[i]
 		at := fmt.Sprintf("routes[%d]", i)
 		line := func(key string) string { return at + "." + key }
-		if r.Match == "" {
-			add(at, "route without match", "add `match: name.example.com` (or \"*.example.com\")")
-		} else if err := validMatch(r.Match); err != nil {
-			add(line("match"), fmt.Sprintf("match %q: %v", r.Match, err), "write a DNS name like nas.example.com, or \"*.example.com\" for one label")
-		} else {
-			key := NormalizeName(r.Match)
-			if prev, dup := first[key]; dup {
-				add(line("match"), fmt.Sprintf("duplicate match %q (first at line %d)", r.Match, prev), "merge the two routes or remove one")
-			} else {
-				first[key] = c.line(line("match"))
-			}
-		}
+		c.checkMatch(r, line, add, first, firstALPN, firstKind)
 		actions := 0
 		if len(r.Passthrough) > 0 {
 			actions++
@@ -243,7 +246,7 @@ func (c *Config) Validate() error {
 			actions++
 		}
 		if actions != 1 {
-			add(at, fmt.Sprintf("route %q must have exactly one of passthrough, terminate, reject (has %d)", r.Match, actions),
+			add(at, fmt.Sprintf("route %q must have exactly one of passthrough, terminate, reject (has %d)", r.Label(), actions),
 				"write `passthrough: host:443`, `terminate: {upstream: ..., tls: ...}` or `reject: true`")
 		}
 		for j, u := range r.Passthrough {
@@ -314,9 +317,103 @@ func (c *Config) Validate() error {
 		}
 	}
 	if len(errs) > 0 {
+		slices.SortStableFunc(errs, func(a, b *Error) int { return a.Line - b.Line }) // file order
 		return errs
 	}
 	return nil
+}
+
+// checkMatch validates a route's match (string or map form) and records
+// it in first/firstALPN/firstKind to refuse duplicates and ambiguities.
+func (c *Config) checkMatch(r *Route, line func(string) string, add func(path, msg, fix string), first, firstALPN, firstKind map[string]int) {
+	const fixMap = "write match: NAME, {sni: NAME, alpn: [h2]}, {protocol: ssh|openvpn|http} or {silence: 3s}"
+	kinds := 0
+	if r.Match != "" || len(r.ALPN) > 0 {
+		kinds++
+	}
+	if r.Protocol != "" {
+		kinds++
+	}
+	if r.Silence != 0 {
+		kinds++
+	}
+	here := c.line(line("match"))
+	switch {
+	case kinds == 0 && !r.matchMap:
+		add(line("match"), "route without match", "add `match: name.example.com` (or \"*.example.com\")")
+		return
+	case kinds != 1:
+		add(line("match"), "match must have exactly one of sni (with optional alpn), protocol, silence", fixMap)
+		return
+	}
+	switch {
+	case r.Protocol != "":
+		if !slices.Contains(Protocols, r.Protocol) {
+			add(line("match.protocol"), fmt.Sprintf("match.protocol %q is not a protocol relay recognises", r.Protocol), "write one of: "+strings.Join(Protocols, ", "))
+			return
+		}
+		c.checkProtocolRoute(r, line, add)
+		key := "protocol:" + r.Protocol
+		if prev, dup := firstKind[key]; dup {
+			add(line("match"), fmt.Sprintf("duplicate match {protocol: %s} (first at line %d)", r.Protocol, prev), "merge the two routes or remove one")
+		} else {
+			firstKind[key] = here
+		}
+	case r.Silence != 0:
+		if r.Silence < 0 {
+			add(line("match.silence"), "match.silence must be positive", "write e.g. {silence: 3s}")
+			return
+		}
+		if r.Silence >= c.Limits.HelloTimeout {
+			add(line("match.silence"), fmt.Sprintf("match.silence %s is not shorter than limits.hello_timeout %s: no client would ever be silent that long", r.Silence.D(), c.Limits.HelloTimeout.D()),
+				"write a shorter silence (e.g. 3s) or raise limits.hello_timeout")
+		}
+		c.checkProtocolRoute(r, line, add)
+		if prev, dup := firstKind["silence"]; dup {
+			add(line("match"), fmt.Sprintf("a second silence route (first at line %d): a silent client can go to one route only", prev), "keep one silence route")
+		} else {
+			firstKind["silence"] = here
+		}
+	default:
+		if r.Match == "" {
+			add(line("match"), "match.alpn without sni", "write {sni: NAME, alpn: [...]} (the name may be \"*.example.com\")")
+			return
+		}
+		if err := validMatch(r.Match); err != nil {
+			add(line("match"), fmt.Sprintf("match %q: %v", r.Match, err), "write a DNS name like nas.example.com, or \"*.example.com\" for one label")
+			return
+		}
+		key := NormalizeName(r.Match)
+		if len(r.ALPN) == 0 {
+			if prev, dup := first[key]; dup {
+				add(line("match"), fmt.Sprintf("duplicate match %q (first at line %d)", r.Match, prev), "merge the two routes or remove one")
+			} else {
+				first[key] = here
+			}
+			return
+		}
+		for j, p := range r.ALPN {
+			if p == "" || len(p) > 255 {
+				add(fmt.Sprintf("%s[%d]", line("match.alpn"), j), fmt.Sprintf("match.alpn[%d] %q is not an ALPN protocol name", j, p), "write names like h2, http/1.1, xmpp-client")
+				continue
+			}
+			k := key + "\x00" + p
+			if prev, dup := firstALPN[k]; dup {
+				add(line("match.alpn"), fmt.Sprintf("ambiguous routes: %q with ALPN %q is also matched by the route at line %d", r.Match, p, prev),
+					"list each ALPN protocol in one route of a name only")
+			} else {
+				firstALPN[k] = here
+			}
+		}
+	}
+}
+
+// checkProtocolRoute refuses what a protocol or silence route cannot do:
+// it carries no TLS, so it can only be passed through.
+func (c *Config) checkProtocolRoute(r *Route, line func(string) string, add func(path, msg, fix string)) {
+	if r.Terminate != nil || r.Reject {
+		add(line("match"), fmt.Sprintf("route %s: protocol and silence routes are passthrough only", r.Label()), "write passthrough: host:port")
+	}
 }
 
 // LAN is the client rule that stands for the networks of steer.interfaces.
