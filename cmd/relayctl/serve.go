@@ -16,10 +16,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-
 	"github.com/relay-gw/relay/acme"
 	"github.com/relay-gw/relay/internal/config"
+	"github.com/relay-gw/relay/internal/filewatch"
 	"github.com/relay-gw/relay/internal/metrics"
 	"github.com/relay-gw/relay/relay"
 )
@@ -139,18 +138,13 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	var events <-chan fsnotify.Event
-	if w, err := fsnotify.NewWatcher(); err != nil {
+	var events <-chan struct{}
+	if w, err := filewatch.New(path); err != nil {
 		log.Warn("config file watch unavailable; reload with SIGHUP", "err", err)
 	} else {
 		defer w.Close()
-		if err := w.Add(filepath.Dir(path)); err != nil {
-			log.Warn("config file watch unavailable; reload with SIGHUP", "err", err)
-		} else {
-			events = w.Events
-		}
+		events = w.C
 	}
-	abs, _ := filepath.Abs(path)
 	reload := func(why string) {
 		cfg, err := config.Load(path)
 		if err != nil {
@@ -195,12 +189,9 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 			return
 		case <-hup:
 			reload("SIGHUP")
-		case ev, ok := <-events:
+		case _, ok := <-events:
 			if !ok {
 				events = nil
-				continue
-			}
-			if p, _ := filepath.Abs(ev.Name); p != abs || ev.Op&(fsnotify.Write|fsnotify.Create|fsnotify.Rename) == 0 {
 				continue
 			}
 			if timer != nil {
