@@ -3,7 +3,7 @@
 # is missing (fresh Debian 12 machine; needs root).
 set -euo pipefail
 need=()
-for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils; do
+for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils qemu-mips-static:qemu-user-static chromium:chromium shellcheck:shellcheck; do
 	command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p#*:}")
 done
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
