@@ -30,7 +30,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	lim := st.cfg.Limits
 
 	upConn, addr, err := rt.dial(context.Background(), lim.DialTimeout.D(), dst, func(err error) {
-		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
+		s.upstreamError(rt.label, dialErrorReason(err))
 	})
 	if err != nil {
 		active.Dec()
@@ -81,7 +81,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 		}
 		s.undetach(client)
 		if !errors.Is(err, errors.ErrUnsupported) {
-			s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
+			s.upstreamError(rt.label, "write")
 			logWarn("sockmap splice", err)
 			ended(0, 0, err, true)
 			return false
@@ -90,7 +90,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	}
 	upConn.SetWriteDeadline(time.Now().Add(lim.HelloTimeout.D()))
 	if _, err := upConn.Write(pre); err != nil {
-		s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
+		s.upstreamError(rt.label, "write")
 		logWarn("replay hello to upstream", err)
 		ended(0, 0, err, false)
 		return false
@@ -171,7 +171,7 @@ func (s *Server) passthroughHTTP(client *net.TCPConn, dst netip.AddrPort) {
 	lim := st.cfg.Limits
 	up, addr, err := s.dialOriginal(context.Background(), lim.DialTimeout.D(), dst)
 	if err != nil {
-		s.m.upstreamErrors.WithLabelValues(labelOriginal, dialErrorReason(err)).Inc()
+		s.upstreamError(labelOriginal, dialErrorReason(err))
 		s.log.Info("original destination unreachable", "client", client.RemoteAddr(), "dst", addr, "err", err)
 		return
 	}

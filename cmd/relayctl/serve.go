@@ -119,6 +119,7 @@ func cmdServe(e *env, args []string) error {
 		return fmt.Errorf("start: %w", err)
 	}
 	certs.commitBuild(cfg)
+	srv.SetStatusHook(statusHook(certs, steeringStatePath(e.getenv)))
 	if st := attachBPF(srv, cfg, log); st != nil {
 		defer st.Close()
 	}
