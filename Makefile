@@ -7,7 +7,7 @@ BUILD    := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 PKGS     := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench cross clean
+.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench cross dist clean
 
 all: build
 
@@ -56,5 +56,10 @@ cross:
 	GOOS=linux GOARCH=mips GOMIPS=softfloat $(BUILD) -o /dev/null ./cmd/relayctl
 	GOOS=linux GOARCH=mipsle GOMIPS=softfloat $(BUILD) -o /dev/null ./cmd/relayctl
 
+# Release artefacts in dist/: static binaries for every router CPU, .deb
+# (nfpm, a tool in go.mod), OpenWrt tarballs, SHA256SUMS; reproducible.
+dist:
+	VERSION=$(VERSION) ./scripts/dist.sh
+
 clean:
-	rm -rf bin
+	rm -rf bin dist

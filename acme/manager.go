@@ -673,6 +673,8 @@ type CertInfo struct {
 	NextRenewal time.Time `json:"next_renewal"`
 	LastError   string    `json:"last_error,omitempty"`
 	Failures    int       `json:"failures,omitempty"`
+	// NextAttempt is when a failed order is tried again (nil: none failed).
+	NextAttempt *time.Time `json:"next_attempt,omitempty"`
 }
 
 // ListStored lists the certificates stored under stateDir/acme, for every
@@ -686,6 +688,10 @@ func ListStored(stateDir string) ([]CertInfo, error) {
 		info := CertInfo{Name: name}
 		st := m.loadState(name)
 		info.LastError, info.Failures = st.LastError, st.Failures
+		if st.Failures > 0 && !st.NextAttempt.IsZero() {
+			t := st.NextAttempt
+			info.NextAttempt = &t
+		}
 		if c, err := m.loadStored(name); err == nil {
 			info.Issuer, info.NotAfter = c.Leaf.Issuer.CommonName, c.Leaf.NotAfter
 			info.NextRenewal = renewAt(c.Leaf, name)

@@ -153,7 +153,7 @@ func (a *routeAuth) check(req *http.Request, cs *tls.ConnectionState, client str
 	if a.fwd != nil {
 		d, err := a.fwd.ask(req, client)
 		if err != nil {
-			a.s.m.upstreamErrors.WithLabelValues(a.label, "forward_auth").Inc()
+			a.s.upstreamError(a.label, "forward_auth")
 			a.s.log.Warn("forward auth", "route", a.label, "url", a.fwd.url.Redacted(), "err", err)
 			return &denial{code: http.StatusBadGateway, header: http.Header{}, result: resultUpstreamError, reason: "forward_auth"}
 		}

@@ -570,7 +570,7 @@ func (h *h1Conn) serve() bool {
 		if h.body.err != nil || errors.Is(err, errClientGone) { // the client, not the upstream, failed
 			return false
 		}
-		h.s.m.upstreamErrors.WithLabelValues(h.p.label, dialErrorReason(err)).Inc()
+		h.s.upstreamError(h.p.label, dialErrorReason(err))
 		h.s.log.Warn("upstream request", "route", h.p.label, "upstream", h.p.addr, "err", err)
 		h.result, h.reason = resultUpstreamError, dialErrorReason(err)
 		// A body the upstream did not take is still on the connection.
@@ -781,7 +781,7 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 		if upgrade == "" || !strings.EqualFold(resp.Header.Get("Upgrade"), upgrade) {
 			h.up.Store(nil)
 			u.c.Close()
-			h.s.m.upstreamErrors.WithLabelValues(h.p.label, "http").Inc()
+			h.s.upstreamError(h.p.label, "http")
 			h.s.log.Warn("upstream request", "route", h.p.label, "upstream", h.p.addr,
 				"err", fmt.Errorf("switched to protocol %q, asked for %q", resp.Header.Get("Upgrade"), upgrade))
 			h.reply(http.StatusBadGateway, "", false)
@@ -856,7 +856,7 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 		u.c.Close()
 	}
 	if !upOK {
-		h.s.m.upstreamErrors.WithLabelValues(h.p.label, "http").Inc()
+		h.s.upstreamError(h.p.label, "http")
 		h.s.log.Warn("upstream response cut", "route", h.p.label, "upstream", h.p.addr)
 	}
 	return keep && upOK && werr == nil
@@ -1080,7 +1080,7 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if x.body.err != nil || x.ctx.Err() != nil || errors.Is(err, errClientGone) { // the client, not the upstream, failed
 			panic(http.ErrAbortHandler)
 		}
-		p.s.m.upstreamErrors.WithLabelValues(p.label, dialErrorReason(err)).Inc()
+		p.s.upstreamError(p.label, dialErrorReason(err))
 		p.s.log.Warn("upstream request", "route", p.label, "upstream", p.addr, "err", err)
 		noteResult(w, resultUpstreamError, dialErrorReason(err))
 		w.WriteHeader(upstreamStatus(err))
@@ -1106,7 +1106,7 @@ func (p *httpProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		u.c.Close()
 	}
 	if !upOK {
-		p.s.m.upstreamErrors.WithLabelValues(p.label, "http").Inc()
+		p.s.upstreamError(p.label, "http")
 		p.s.log.Warn("upstream response cut", "route", p.label, "upstream", p.addr)
 		panic(http.ErrAbortHandler) // the client sees a reset stream, not a short body
 	}

@@ -30,7 +30,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	lim := st.cfg.Limits
 
 	upConn, addr, err := rt.dial(context.Background(), lim.DialTimeout.D(), dst, func(err error) {
-		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
+		s.upstreamError(rt.label, dialErrorReason(err))
 	})
 	if err != nil {
 		active.Dec()
@@ -98,7 +98,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 		}
 		s.undetach(client)
 		if !errors.Is(err, errors.ErrUnsupported) {
-			s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
+			s.upstreamError(rt.label, "write")
 			logWarn("sockmap splice", err)
 			if ent != nil {
 				ent.Result, ent.Reason = resultUpstreamError, "write"
@@ -110,7 +110,7 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	}
 	upConn.SetWriteDeadline(time.Now().Add(lim.HelloTimeout.D()))
 	if _, err := upConn.Write(pre); err != nil {
-		s.m.upstreamErrors.WithLabelValues(rt.label, "write").Inc()
+		s.upstreamError(rt.label, "write")
 		logWarn("replay hello to upstream", err)
 		if ent != nil {
 			ent.Result, ent.Reason = resultUpstreamError, "write"
@@ -201,7 +201,7 @@ func (s *Server) passthroughHTTP(client *net.TCPConn, dst netip.AddrPort) {
 		ent.Upstream = addr
 	}
 	if err != nil {
-		s.m.upstreamErrors.WithLabelValues(labelOriginal, dialErrorReason(err)).Inc()
+		s.upstreamError(labelOriginal, dialErrorReason(err))
 		s.log.Info("original destination unreachable", "client", client.RemoteAddr(), "dst", addr, "err", err)
 		s.logEntry(ent, resultUpstreamError, dialErrorReason(err))
 		return

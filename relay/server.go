@@ -79,6 +79,14 @@ type Server struct {
 	hardCancel context.CancelFunc
 	closing    bool
 
+	// Status page: start time, per-second history, last error per route,
+	// and the caller's hook.
+	started    time.Time
+	hist       history
+	lastErrors sync.Map // route label → *errEvent
+	statusMu   sync.Mutex
+	statusHook func(*Status)
+
 	alog     accessLogger // log.access
 	reloadMu sync.Mutex   // serializes Reload
 	clients  clients      // per-client limits and PROXY sources
@@ -98,6 +106,7 @@ func New(opts Options) (*Server, error) {
 		splicer: opts.Splicer,
 		trim:    newTrimmer(),
 		tracked: map[net.Conn]connState{},
+		started: time.Now(),
 	}
 	s.hardCtx, s.hardCancel = context.WithCancel(context.Background())
 	if s.log == nil {
@@ -258,6 +267,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	if s.metricLn != nil {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", s.reg.Handler())
+		mux.HandleFunc("GET /status", s.serveStatus)
+		mux.HandleFunc("GET /{$}", serveStatusPage)
+		sampleDone := make(chan struct{})
+		defer close(sampleDone)
+		go s.sampleLoop(sampleDone)
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		start(func() error { return ignoreClosed(metricsSrv.Serve(s.metricLn)) })
 	}

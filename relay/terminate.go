@@ -149,7 +149,7 @@ func (s *Server) newTermRoute(label string, t *config.Terminate, certs CertSourc
 			} else {
 				reason = dialErrorReason(err)
 			}
-			s.m.upstreamErrors.WithLabelValues(label, reason).Inc()
+			s.upstreamError(label, reason)
 			s.log.Warn("upstream request", "route", label, "upstream", u.Host, "err", err)
 			w.WriteHeader(http.StatusBadGateway)
 		},
@@ -259,7 +259,7 @@ func (s *Server) terminateTCP(tlsConn *tls.Conn, rt *route, lim config.Limits, e
 	}
 	up, err := dialer(lim.DialTimeout.D()).Dial("tcp", rt.term.tcpAddr)
 	if err != nil {
-		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
+		s.upstreamError(rt.label, dialErrorReason(err))
 		s.log.Warn("upstream unreachable", "route", rt.label, "upstream", rt.term.tcpAddr, "err", err)
 		s.logEntry(ent, resultUpstreamError, dialErrorReason(err))
 		return

@@ -28,6 +28,13 @@ type upstream struct {
 	addr      string
 	fails     atomic.Int32
 	downUntil atomic.Int64 // unix nanos
+	lastErr   atomic.Pointer[errEvent]
+}
+
+// errEvent is a failure shown on the status page: what and when.
+type errEvent struct {
+	what string
+	at   time.Time
 }
 
 func (u *upstream) healthy(now time.Time) bool { return now.UnixNano() >= u.downUntil.Load() }
@@ -38,6 +45,7 @@ func (u *upstream) result(err error) {
 		u.downUntil.Store(0)
 		return
 	}
+	u.lastErr.Store(&errEvent{what: err.Error(), at: time.Now()})
 	if u.fails.Add(1) >= failThreshold {
 		u.downUntil.Store(time.Now().Add(downFor).UnixNano())
 	}

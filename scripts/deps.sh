@@ -9,7 +9,7 @@ if ! command -v h2spec >/dev/null 2>&1 && [ -x "$go" ] && [ ! -x "$("$go" env GO
 	"$go" install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
 fi
 need=()
-for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils fail2ban-regex:fail2ban sshd:openssh-server ssh:openssh-client openvpn:openvpn testssl:testssl.sh; do
+for p in curl:curl openssl:openssl iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux ping:iputils-ping systemd-socket-activate:systemd htpasswd:apache2-utils fail2ban-regex:fail2ban sshd:openssh-server ssh:openssh-client openvpn:openvpn testssl:testssl.sh qemu-mips-static:qemu-user-static chromium:chromium shellcheck:shellcheck; do
 	command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p#*:}")
 done
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)

@@ -17,10 +17,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-
 	"github.com/relay-gw/relay/acme"
 	"github.com/relay-gw/relay/internal/config"
+	"github.com/relay-gw/relay/internal/filewatch"
 	"github.com/relay-gw/relay/internal/metrics"
 	"github.com/relay-gw/relay/relay"
 )
@@ -121,6 +120,7 @@ func cmdServe(e *env, args []string) error {
 		return fmt.Errorf("start: %w", err)
 	}
 	certs.commitBuild(cfg)
+	srv.SetStatusHook(statusHook(certs, steeringStatePath(e.getenv)))
 	if st := attachBPF(srv, cfg, log); st != nil {
 		defer st.Close()
 	}
@@ -146,18 +146,13 @@ func cmdServe(e *env, args []string) error {
 // managers replace files by rename.
 func watchReload(ctx context.Context, path string, srv *relay.Server, certs *certSources, log *slog.Logger, hup, usr1 <-chan os.Signal) {
 
-	var events <-chan fsnotify.Event
-	if w, err := fsnotify.NewWatcher(); err != nil {
+	var events <-chan struct{}
+	if w, err := filewatch.New(path); err != nil {
 		log.Warn("config file watch unavailable; reload with SIGHUP", "err", err)
 	} else {
 		defer w.Close()
-		if err := w.Add(filepath.Dir(path)); err != nil {
-			log.Warn("config file watch unavailable; reload with SIGHUP", "err", err)
-		} else {
-			events = w.Events
-		}
+		events = w.C
 	}
-	abs, _ := filepath.Abs(path)
 	reload := func(why string) {
 		cfg, err := config.Load(path)
 		if err != nil {
@@ -208,12 +203,9 @@ func watchReload(ctx context.Context, path string, srv *relay.Server, certs *cer
 			} else {
 				log.Info("access log reopened (SIGUSR1)")
 			}
-		case ev, ok := <-events:
+		case _, ok := <-events:
 			if !ok {
 				events = nil
-				continue
-			}
-			if p, _ := filepath.Abs(ev.Name); p != abs || ev.Op&(fsnotify.Write|fsnotify.Create|fsnotify.Rename) == 0 {
 				continue
 			}
 			if timer != nil {

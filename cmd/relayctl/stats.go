@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -14,14 +16,32 @@ import (
 )
 
 func init() {
-	register("stats", "stats [-c FILE]", cmdStats)
+	register("stats", "stats [-c FILE] [--json]", cmdStats)
 }
 
 // cmdStats prints the relay's counters (scraped from its metrics listener)
-// and the BPF counters (read from the pinned maps) as tables.
+// and the BPF counters (read from the pinned maps) as tables; --json
+// prints the relay's /status document as it is.
 func cmdStats(e *env, args []string) error {
-	cfg, err := configFromArgs(e, "stats", args)
+	fs, cfgPath := newConfigFlagSet(e, "stats")
+	asJSON := fs.Bool("json", false, "print the relay's /status document (docs/STATUS.md)")
+	if _, err := parseInterspersed(fs, args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(e, *cfgPath)
 	if err != nil {
+		return err
+	}
+	if *asJSON {
+		b, err := fetchStatus(cfg.Listen.Metrics)
+		if err != nil {
+			return fmt.Errorf("relay not reachable at %s: %w; is `relayctl serve` running?", cfg.Listen.Metrics, err)
+		}
+		var out bytes.Buffer
+		if err := json.Indent(&out, b, "", "  "); err != nil {
+			return fmt.Errorf("relay at %s sent bad /status JSON: %w", cfg.Listen.Metrics, err)
+		}
+		_, err = e.stdout.Write(out.Bytes())
 		return err
 	}
 	families, err := scrape(cfg.Listen.Metrics)
@@ -35,19 +55,45 @@ func cmdStats(e *env, args []string) error {
 	return nil
 }
 
-func scrape(addr string) (map[string][]metrics.Series, error) {
+// metricsURL is the URL of path on the metrics listener at addr.
+func metricsURL(addr, path string) (string, error) {
 	if addr == "" || addr == "off" {
-		return nil, fmt.Errorf("listen.metrics is off")
+		return "", fmt.Errorf("listen.metrics is off")
 	}
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	if host == "" || host == "0.0.0.0" || host == "::" {
 		host = "127.0.0.1"
 	}
+	return "http://" + net.JoinHostPort(host, port) + path, nil
+}
+
+func fetchStatus(addr string) ([]byte, error) {
+	u, err := metricsURL(addr, "/status")
+	if err != nil {
+		return nil, err
+	}
 	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/metrics")
+	resp, err := c.Get(u)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /status: %s", resp.Status)
+	}
+	return io.ReadAll(resp.Body)
+}
+
+func scrape(addr string) (map[string][]metrics.Series, error) {
+	u, err := metricsURL(addr, "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(u)
 	if err != nil {
 		return nil, err
 	}

@@ -177,3 +177,18 @@ func (v *vec[T]) Collect(s *Sink) error {
 	}
 	return nil
 }
+
+// Each calls fn with the label values and value of every series, in no
+// particular order, without creating any (unlike WithLabelValues).
+func (v *CounterVec) Each(fn func(lvs []string, value float64)) { v.each(fn) }
+
+// Each is like CounterVec's.
+func (v *GaugeVec) Each(fn func(lvs []string, value float64)) { v.each(fn) }
+
+func (v *vec[T]) each(fn func(lvs []string, value float64)) {
+	if m := v.children.Load(); m != nil {
+		for _, c := range *m {
+			fn(c.labelValues(), c.Value())
+		}
+	}
+}
