@@ -20,6 +20,8 @@ type route struct {
 	proxyProtocol string
 	term          *termRoute
 	access        *clientRules // allow/deny (transparent_allow for "original"); nil = open
+	quic          bool         // passthrough: QUIC too (quic: true|false)
+	h3            bool         // terminate: HTTP/3 too (h3: true|false)
 }
 
 // dial connects to the route's upstream: its pool, or for the "original"
@@ -58,7 +60,8 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 	}
 	for i := range cfg.Routes {
 		rc := &cfg.Routes[i]
-		r := &route{label: normalizeName(rc.Match), action: rc.Action(), proxyProtocol: rc.ProxyProtocol}
+		r := &route{label: normalizeName(rc.Match), action: rc.Action(), proxyProtocol: rc.ProxyProtocol,
+			quic: rc.QUICEnabled(), h3: rc.H3Enabled()}
 		switch r.action {
 		case "passthrough":
 			r.pool = &pool{}
