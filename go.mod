@@ -26,6 +26,7 @@ require (
 	github.com/miekg/dns v1.1.72 // indirect
 	github.com/nrdcg/desec v0.11.1 // indirect
 	github.com/peterhellberg/link v1.2.0 // indirect
+	github.com/quic-go/qpack v0.6.0 // indirect
 	github.com/vishvananda/netns v0.0.5 // indirect
 	golang.org/x/exp/typeparams v0.0.0-20260209203927-2842357ff358 // indirect
 	golang.org/x/mod v0.41.0 // indirect

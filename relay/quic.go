@@ -264,7 +264,7 @@ func (q *quicHello) open(pkt []byte, pnOff int, k *quicKeys) ([]byte, error) {
 	if len(ct) < k.aead.Overhead() {
 		return nil, fmt.Errorf("%w: too short", ErrQUICDecrypt)
 	}
-	out, err := k.aead.Open(hdr[len(hdr):len(hdr)], nonce[:], ct, hdr)
+	out, err := k.aead.Open(hdr[len(hdr):], nonce[:], ct, hdr)
 	if err != nil {
 		return nil, fmt.Errorf("%w (packet number %d)", ErrQUICDecrypt, pn)
 	}

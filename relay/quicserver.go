@@ -242,7 +242,7 @@ func (q *quicServer) route(key netip.AddrPort, f *quicFlow, h *ClientHello) {
 	action := rt.action
 	switch {
 	case action == "passthrough" && rt.quic && rt.pool != nil:
-	case action == "terminate" && rt.h3 && q.h3 != nil:
+	case action == "terminate" && rt.h3 && rt.term != nil && rt.term.handler != nil && q.h3 != nil:
 	default:
 		action = "reject"
 	}
@@ -378,6 +378,9 @@ func (q *quicServer) close() {
 		}
 	}
 	q.mu.Unlock()
+	if q.h3 != nil {
+		q.h3.close()
+	}
 	q.wg.Wait()
 }
 

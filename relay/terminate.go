@@ -176,6 +176,10 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route) (
 	s.m.connections.WithLabelValues(rt.label, "terminate").Inc()
 	s.m.active.WithLabelValues(rt.label, "terminate").Inc()
 	cc.counted = true
+	if rt.h3 && s.quic != nil && rt.term.handler != nil {
+		dst, _ := s.destination(client)
+		cc.alt = altSvc(dst.Port())
+	}
 	if rt.term.tcpAddr != "" {
 		s.terminateTCP(tlsConn, rt, lim)
 		return false
@@ -236,6 +240,7 @@ type termConn struct {
 	counted bool     // past the handshake: in relay_active_connections
 	release bool     // set before the hand-off to the http server: Close releases the conn
 	remote  net.Addr // the client: its PROXY header's source, else the socket's peer
+	alt     []string // Alt-Svc of the answers (h3); nil = none
 }
 
 // RemoteAddr is the client's address (X-Forwarded-For, logs), which a
@@ -346,7 +351,27 @@ func (ts *termServer) goneLocked() {
 	}
 }
 
-type routeCtxKey struct{}
+type (
+	routeCtxKey  struct{}
+	altSvcCtxKey struct{}
+)
+
+// serveTerminated answers a request of a terminate route served by
+// net/http (upstreams with a path) or by the http3 server.
+func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request) {
+	rt, _ := r.Context().Value(routeCtxKey{}).(*route)
+	if rt == nil || rt.term == nil || rt.term.handler == nil {
+		http.Error(w, "no route", http.StatusMisdirectedRequest)
+		return
+	}
+	if !s.authorizeHTTP(w, r, rt) {
+		return
+	}
+	if alt, _ := r.Context().Value(altSvcCtxKey{}).([]string); alt != nil {
+		w.Header()["Alt-Svc"] = alt
+	}
+	rt.term.handler.ServeHTTP(w, r)
+}
 
 func (s *Server) term() *termServer {
 	s.termOnce.Do(func() {
@@ -356,20 +381,11 @@ func (s *Server) term() *termServer {
 		protos.SetHTTP1(true)
 		protos.SetHTTP2(true)
 		ts.srv = &http.Server{
-			Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				rt, _ := r.Context().Value(routeCtxKey{}).(*route)
-				if rt == nil || rt.term == nil || rt.term.handler == nil {
-					http.Error(w, "no route", http.StatusMisdirectedRequest)
-					return
-				}
-				if !s.authorizeHTTP(w, r, rt) {
-					return
-				}
-				rt.term.handler.ServeHTTP(w, r)
-			}),
+			Handler: http.HandlerFunc(s.serveTerminated),
 			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 				if tc, ok := c.(*tls.Conn); ok {
 					if cc, ok := tc.NetConn().(*termConn); ok {
+						ctx = context.WithValue(ctx, altSvcCtxKey{}, cc.alt)
 						return context.WithValue(ctx, routeCtxKey{}, cc.route)
 					}
 				}
