@@ -67,6 +67,55 @@ type quicServer struct {
 	closed  bool
 	stop    chan struct{}
 	wg      sync.WaitGroup
+	bindErr error // New could not bind the UDP port: serve retries
+}
+
+// bound installs the UDP socket; with q.mu held or before serve runs.
+func (q *quicServer) bound(pc *net.UDPConn) {
+	q.pc = pc
+	q.h3 = q.s.newH3Server(pc)
+}
+
+// quicBindRetry is how long serve retries a UDP port that another
+// process holds (the relay handing over to this one releases it when it
+// stops accepting).
+const quicBindRetry = 30 * time.Second
+
+// bind waits for the UDP port; false when it stays busy or q closes.
+func (q *quicServer) bind() bool {
+	q.mu.Lock()
+	ok := q.pc != nil
+	q.mu.Unlock()
+	if ok {
+		return true
+	}
+	addr := q.s.httpsLn.Addr()
+	q.s.log.Info("quic: the https port is busy on UDP (another relay handing over?): retrying", "addr", addr, "err", q.bindErr)
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for deadline := time.Now().Add(quicBindRetry); time.Now().Before(deadline); {
+		select {
+		case <-q.stop:
+			return false
+		case <-t.C:
+		}
+		pc, err := listenQUIC(addr)
+		if err != nil {
+			continue
+		}
+		q.mu.Lock()
+		if q.closed {
+			q.mu.Unlock()
+			pc.Close()
+			return false
+		}
+		q.bound(pc)
+		q.mu.Unlock()
+		q.s.log.Info("quic: bound", "addr", pc.LocalAddr())
+		return true
+	}
+	q.s.log.Warn("quic: cannot bind the https address on UDP; QUIC and HTTP/3 are off until a restart", "addr", addr, "err", q.bindErr)
+	return false
 }
 
 // quicMetrics are the QUIC series, in families of their own (documented
@@ -122,7 +171,16 @@ func listenQUIC(tcp net.Addr) (*net.UDPConn, error) {
 }
 
 func (q *quicServer) serve() {
+	if !q.bind() {
+		return
+	}
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return
+	}
 	q.wg.Add(1)
+	q.mu.Unlock()
 	go func() { defer q.wg.Done(); q.reap() }()
 	buf := make([]byte, 65536)
 	for {
@@ -362,7 +420,6 @@ func (q *quicServer) endLocked(key netip.AddrPort, f *quicFlow) {
 
 // close stops the read loop and ends every flow.
 func (q *quicServer) close() {
-	q.pc.Close()
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()
@@ -370,6 +427,9 @@ func (q *quicServer) close() {
 	}
 	q.closed = true
 	close(q.stop)
+	if q.pc != nil {
+		q.pc.Close()
+	}
 	for key, f := range q.flows {
 		if f.kind == flowPeeking {
 			q.dropLocked(key, f)

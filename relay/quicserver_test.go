@@ -155,3 +155,37 @@ func TestQUICListenerGarbage(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestQUICHandOverBind: a relay started while another holds the UDP port
+// (a hand-over: the TCP listener is shared, the UDP socket is not) binds
+// it once the old one stops accepting.
+func TestQUICHandOverBind(t *testing.T) {
+	old := startRelay(t, baseConfig())
+	tl, err := old.HTTPSListener().(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.FileListener(tl)
+	tl.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := baseConfig()
+	cfg.Listen.HTTP, cfg.Listen.Metrics = "off", "off"
+	nu := startRelay(t, cfg, func(o *Options) { o.HTTPSListener = ln })
+	if nu.QUICAddr() != nil {
+		t.Fatal("bound a UDP port the old relay holds")
+	}
+	want := old.QUICAddr().String()
+	old.StopAccepting()
+	deadline := time.Now().Add(5 * time.Second)
+	for nu.QUICAddr() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the new relay did not bind the UDP port after the old one stopped accepting")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := nu.QUICAddr().String(); got != want {
+		t.Fatalf("bound %s, want %s", got, want)
+	}
+}

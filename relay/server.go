@@ -335,21 +335,32 @@ func (s *Server) closeListeners() {
 // newQUIC binds the https address on UDP too. A failure leaves QUIC off
 // with a warning: TCP keeps working, and clients fall back to it.
 func (s *Server) newQUIC() {
+	q := &quicServer{s: s, flows: map[netip.AddrPort]*quicFlow{}, stop: make(chan struct{})}
 	pc := s.opts.QUICConn
 	if pc == nil {
 		var err error
 		if pc, err = listenQUIC(s.httpsLn.Addr()); err != nil {
-			s.log.Warn("quic: cannot bind the https address on UDP; QUIC and HTTP/3 are off", "addr", s.httpsLn.Addr(), "err", err)
-			return
+			// A relay handing over to this one holds the port until it
+			// stops accepting: serve retries for a while.
+			q.bindErr = err
+			pc = nil
 		}
 	}
-	s.quic = &quicServer{s: s, pc: pc, flows: map[netip.AddrPort]*quicFlow{}, stop: make(chan struct{})}
-	s.quic.h3 = s.newH3Server(pc)
+	if pc != nil {
+		q.bound(pc)
+	}
+	s.quic = q
 }
 
-// QUICAddr returns the UDP address QUIC is served on; nil when off.
+// QUICAddr returns the UDP address QUIC is served on; nil when off (or
+// not bound yet).
 func (s *Server) QUICAddr() net.Addr {
 	if s.quic == nil {
+		return nil
+	}
+	s.quic.mu.Lock()
+	defer s.quic.mu.Unlock()
+	if s.quic.pc == nil {
 		return nil
 	}
 	return s.quic.pc.LocalAddr()
