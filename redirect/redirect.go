@@ -42,6 +42,17 @@ type Options struct {
 	// ExcludeLocalDst leaves connections addressed to this host alone
 	// (BPF sk_lookup steers those, and fails open when the relay is down).
 	ExcludeLocalDst bool
+
+	// QUIC also steers UDP to HTTPSPorts (QUIC) to HTTPSPort, for
+	// datagrams addressed to this host, whatever ExcludeLocalDst says:
+	// sk_lookup cannot steer them, because an answer from the relay's
+	// unconnected socket would carry its own port, while REDIRECT's
+	// conntrack entry maps it back to 443.
+	QUIC bool
+	// QUICTransit also steers forwarded UDP (to other hosts). Off when
+	// unknown names go to their original destination: the relay cannot
+	// learn a UDP flow's original destination, so it would drop them.
+	QUICTransit bool
 }
 
 // Family is one of iptables (IPv4) and ip6tables (IPv6).
@@ -110,9 +121,6 @@ func (o Options) Rules(chain string, v6 bool) [][]string {
 			out = append(out, []string{"-d", p.String(), "-j", "RETURN"})
 		}
 	}
-	if o.ExcludeLocalDst {
-		out = append(out, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"})
-	}
 	var ifaces [][]string
 	switch {
 	case chain == ChainOutput:
@@ -123,6 +131,21 @@ func (o Options) Rules(chain string, v6 bool) [][]string {
 		for _, i := range o.Interfaces {
 			ifaces = append(ifaces, []string{"-i", i})
 		}
+	}
+	if o.QUIC {
+		for _, in := range ifaces {
+			for _, dp := range ports(o.HTTPSPorts, 443) {
+				r := slices.Clone(in)
+				r = append(r, "-p", "udp", "-m", "udp", "--dport", strconv.Itoa(int(dp)))
+				if !o.QUICTransit {
+					r = append(r, "-m", "addrtype", "--dst-type", "LOCAL")
+				}
+				out = append(out, append(r, "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(o.HTTPSPort))))
+			}
+		}
+	}
+	if o.ExcludeLocalDst {
+		out = append(out, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"})
 	}
 	type target struct {
 		dports []uint16

@@ -95,6 +95,21 @@ func TestRules(t *testing.T) {
 	if got := join(o.Rules(ChainOutput, true)); got[0] != "-m owner --uid-owner 999 -j RETURN" || got[1] != "-d fd00::/8 -j RETURN" || len(got) != 5 {
 		t.Errorf("v6 OUTPUT:\n%s", strings.Join(got, "\n"))
 	}
+	o.QUIC = true
+	if got, want := join(o.Rules(ChainPrerouting, false)), []string{
+		"-d 192.168.1.1/32 -j RETURN",
+		"-i br-lan -p udp -m udp --dport 443 -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 8443",
+		"-m addrtype --dst-type LOCAL -j RETURN",
+		"-i br-lan -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 8443",
+		"-i br-lan -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8080",
+	}; !slices.Equal(got, want) {
+		t.Errorf("v4 PREROUTING with QUIC:\n%s", strings.Join(got, "\n"))
+	}
+	o.QUICTransit = true
+	if got := join(o.Rules(ChainOutput, false)); got[2] != "-p udp -m udp --dport 443 -j REDIRECT --to-ports 8443" {
+		t.Errorf("v4 OUTPUT with QUIC transit:\n%s", strings.Join(got, "\n"))
+	}
+	o.QUIC, o.QUICTransit = false, false
 	o.Local = false
 	if got := o.Rules(ChainOutput, false); got != nil {
 		t.Errorf("OUTPUT without local: %v", got)

@@ -152,18 +152,24 @@ func ParseClientHello(raw []byte) (*ClientHello, error) {
 			break
 		}
 	}
-	if len(msg) < 4 || msg[0] != handshakeClientHelo {
-		return nil, fmt.Errorf("%w: no ClientHello message", ErrHelloMalformed)
-	}
-	n := int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])
-	if len(msg) < 4+n {
-		return nil, fmt.Errorf("%w: truncated ClientHello", ErrHelloMalformed)
-	}
 	h := &ClientHello{Raw: raw}
-	if err := h.parseBody(msg[4 : 4+n]); err != nil {
+	if err := h.parseMessage(msg); err != nil {
 		return nil, err
 	}
 	return h, nil
+}
+
+// parseMessage parses a ClientHello handshake message (4-byte header and
+// body), as reassembled from TLS records or from QUIC CRYPTO frames.
+func (h *ClientHello) parseMessage(msg []byte) error {
+	if len(msg) < 4 || msg[0] != handshakeClientHelo {
+		return fmt.Errorf("%w: no ClientHello message", ErrHelloMalformed)
+	}
+	n := int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])
+	if len(msg) < 4+n {
+		return fmt.Errorf("%w: truncated ClientHello", ErrHelloMalformed)
+	}
+	return h.parseBody(msg[4 : 4+n])
 }
 
 // reader is a bounds-checked cursor; every read fails once it has failed.

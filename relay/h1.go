@@ -795,6 +795,9 @@ func (h *h1Conn) respond(req *http.Request, resp *http.Response, u *upConn, upgr
 	defer putWriter(bw)
 	writeStatusLine(bw, resp)
 	removeHopByHop(resp.Header)
+	if h.cc.alt != nil {
+		resp.Header["Alt-Svc"] = h.cc.alt
+	}
 	noBody := req.Method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
 	chunked := false
 	switch {

@@ -618,6 +618,9 @@ func (c *h2Conn) serveStream(st *h2StreamState, req *http.Request, status int) {
 	if !c.s.authorizeH2(c, rw, req) { // client_auth headers, basic_auth, forward_auth
 		return
 	}
+	if c.cc.alt != nil {
+		rw.Header()["Alt-Svc"] = c.cc.alt
+	}
 	c.handler.ServeHTTP(rw, req)
 }
 

@@ -21,6 +21,8 @@ type route struct {
 	term          *termRoute
 	access        *clientRules // allow/deny (transparent_allow for "original"); nil = open
 	plain         bool         // a protocol or silence route: no TLS
+	quic          bool         // passthrough: QUIC too (quic: true|false)
+	h3            bool         // terminate: HTTP/3 too (h3: true|false)
 }
 
 // dial connects to the route's upstream: its pool, or for the "original"
@@ -67,7 +69,8 @@ func (s *Server) buildState(cfg *config.Config) (*state, error) {
 		if rc.IsName() && len(rc.ALPN) == 0 {
 			label = normalizeName(rc.Match)
 		}
-		r := &route{label: label, action: rc.Action(), proxyProtocol: rc.ProxyProtocol}
+		r := &route{label: label, action: rc.Action(), proxyProtocol: rc.ProxyProtocol,
+			quic: rc.QUICEnabled(), h3: rc.H3Enabled()}
 		st.routes = append(st.routes, r)
 		switch r.action {
 		case "passthrough":

@@ -46,6 +46,9 @@ type Options struct {
 	HTTPSListener   net.Listener
 	HTTPListener    net.Listener
 	MetricsListener net.Listener
+	// QUICConn, when set, is the UDP socket for QUIC instead of one bound
+	// on the https listener's address.
+	QUICConn *net.UDPConn
 }
 
 // Server is a running relay: the https (ClientHello-routed), http and
@@ -90,6 +93,9 @@ type Server struct {
 	alog     accessLogger // log.access
 	reloadMu sync.Mutex   // serializes Reload
 	clients  clients      // per-client limits and PROXY sources
+
+	qm   *quicMetrics
+	quic *quicServer // nil: no UDP socket (bind failed)
 }
 
 // New builds a Server and opens its listeners. Close (or Serve returning)
@@ -142,6 +148,11 @@ func New(opts Options) (*Server, error) {
 			return nil, fmt.Errorf("listen https on %s: %w (is another relay running? change listen.https)", cfg.Listen.HTTPS, err)
 		}
 	}
+	if s.qm, err = newQUICMetrics(s.reg); err != nil {
+		s.closeListeners()
+		return nil, err
+	}
+	s.newQUIC()
 	if s.httpLn = opts.HTTPListener; s.httpLn == nil && cfg.Listen.HTTP != "off" && cfg.Listen.HTTP != "" {
 		if s.httpLn, err = lc.Listen(context.Background(), "tcp", cfg.Listen.HTTP); err != nil {
 			s.closeListeners()
@@ -259,6 +270,9 @@ func (s *Server) Serve(ctx context.Context) error {
 		}()
 	}
 	start(func() error { return s.acceptLoop(s.httpsLn, s.handleTLS) })
+	if s.quic != nil {
+		start(func() error { s.quic.serve(); return nil })
+	}
 	var httpSrv, metricsSrv *http.Server
 	if s.httpLn != nil {
 		httpSrv = s.newHTTPPortServer()
@@ -293,6 +307,9 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	s.httpsLn.Close()
+	if s.quic != nil {
+		s.quic.close() // UDP flows have nothing to drain: the client retransmits elsewhere
+	}
 	dctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
 	if httpSrv != nil {
@@ -337,6 +354,43 @@ func (s *Server) closeListeners() {
 			l.Close()
 		}
 	}
+	if s.quic != nil {
+		s.quic.close()
+	}
+}
+
+// newQUIC binds the https address on UDP too. A failure leaves QUIC off
+// with a warning: TCP keeps working, and clients fall back to it.
+func (s *Server) newQUIC() {
+	q := &quicServer{s: s, flows: map[netip.AddrPort]*quicFlow{}, stop: make(chan struct{})}
+	pc := s.opts.QUICConn
+	if pc == nil {
+		var err error
+		if pc, err = listenQUIC(s.httpsLn.Addr()); err != nil {
+			// A relay handing over to this one holds the port until it
+			// stops accepting: serve retries for a while.
+			q.bindErr = err
+			pc = nil
+		}
+	}
+	if pc != nil {
+		q.bound(pc)
+	}
+	s.quic = q
+}
+
+// QUICAddr returns the UDP address QUIC is served on; nil when off (or
+// not bound yet).
+func (s *Server) QUICAddr() net.Addr {
+	if s.quic == nil {
+		return nil
+	}
+	s.quic.mu.Lock()
+	defer s.quic.mu.Unlock()
+	if s.quic.pc == nil {
+		return nil
+	}
+	return s.quic.pc.LocalAddr()
 }
 
 func ignoreClosed(err error) error {

@@ -227,6 +227,10 @@ func (s *Server) terminate(client *net.TCPConn, hello *ClientHello, rt *route, e
 	s.m.connections.WithLabelValues(rt.label, "terminate").Inc()
 	s.m.active.WithLabelValues(rt.label, "terminate").Inc()
 	cc.counted = true
+	if rt.h3 && s.quic != nil && rt.term.handler != nil {
+		dst, _ := s.destination(client)
+		cc.alt = altSvc(dst.Port())
+	}
 	if rt.term.tcpAddr != "" {
 		s.terminateTCP(tlsConn, rt, lim, ent)
 		return false
@@ -298,6 +302,7 @@ type termConn struct {
 	release bool         // set before the hand-off to the http server: Close releases the conn
 	remote  net.Addr     // the client: its PROXY header's source, else the socket's peer
 	ent     *accessEntry // the access log's connection fields, copied for each request; nil = no log
+	alt     []string     // Alt-Svc of the answers (h3); nil = none
 }
 
 // RemoteAddr is the client's address (X-Forwarded-For, logs), which a
@@ -408,7 +413,33 @@ func (ts *termServer) goneLocked() {
 	}
 }
 
-type routeCtxKey struct{}
+type (
+	routeCtxKey  struct{}
+	altSvcCtxKey struct{}
+)
+
+// serveTerminated answers a request of a terminate route served by
+// net/http (upstreams with a path) or by the http3 server.
+func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request) {
+	rt, _ := r.Context().Value(routeCtxKey{}).(*route)
+	if rt == nil || rt.term == nil || rt.term.handler == nil {
+		http.Error(w, "no route", http.StatusMisdirectedRequest)
+		return
+	}
+	cc, _ := r.Context().Value(termConnCtxKey{}).(*termConn)
+	if ent := s.requestEntry(cc, r); ent != nil {
+		sw := &statusWriter{ResponseWriter: w}
+		w = sw
+		defer func() { s.requestDone(ent, sw.status, max(r.ContentLength, 0), sw.n, sw.result, sw.reason) }()
+	}
+	if !s.authorizeHTTP(w, r, rt) {
+		return
+	}
+	if alt, _ := r.Context().Value(altSvcCtxKey{}).([]string); alt != nil {
+		w.Header()["Alt-Svc"] = alt
+	}
+	rt.term.handler.ServeHTTP(w, r)
+}
 
 // termConnCtxKey carries a request's *termConn (for the access log).
 type termConnCtxKey struct{}
@@ -421,27 +452,12 @@ func (s *Server) term() *termServer {
 		protos.SetHTTP1(true)
 		protos.SetHTTP2(true)
 		ts.srv = &http.Server{
-			Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				rt, _ := r.Context().Value(routeCtxKey{}).(*route)
-				if rt == nil || rt.term == nil || rt.term.handler == nil {
-					http.Error(w, "no route", http.StatusMisdirectedRequest)
-					return
-				}
-				cc, _ := r.Context().Value(termConnCtxKey{}).(*termConn)
-				if ent := s.requestEntry(cc, r); ent != nil {
-					sw := &statusWriter{ResponseWriter: w}
-					w = sw
-					defer func() { s.requestDone(ent, sw.status, max(r.ContentLength, 0), sw.n, sw.result, sw.reason) }()
-				}
-				if !s.authorizeHTTP(w, r, rt) {
-					return
-				}
-				rt.term.handler.ServeHTTP(w, r)
-			}),
+			Handler: http.HandlerFunc(s.serveTerminated),
 			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 				if tc, ok := c.(*tls.Conn); ok {
 					if cc, ok := tc.NetConn().(*termConn); ok {
 						ctx = context.WithValue(ctx, termConnCtxKey{}, cc)
+						ctx = context.WithValue(ctx, altSvcCtxKey{}, cc.alt)
 						return context.WithValue(ctx, routeCtxKey{}, cc.route)
 					}
 				}

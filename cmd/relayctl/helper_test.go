@@ -14,6 +14,8 @@ import (
 // namespace (nsenter) to play a peer there. Selected by RELAY_TEST_HELPER.
 func runHelper(mode string, args []string) {
 	switch mode {
+	case "quic-echo", "quic-get", "h3-get": // QUIC peers (quic_test.go)
+		runQUICHelper(mode, args)
 	case "proxy-echo": // upstream: reply with the PROXY v1 line received
 		ln, err := net.Listen("tcp", args[0])
 		if err != nil {

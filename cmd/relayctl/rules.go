@@ -224,6 +224,15 @@ func steerOptions(cfg *config.Config, backend string, lenient bool) (*redirect.O
 		}
 		o.Bypass = append(o.Bypass, p)
 	}
+	// UDP 443 (QUIC) when a route serves it; transit only when unknown
+	// names are not meant for their original destination, which the
+	// relay cannot learn for UDP.
+	for i := range cfg.Routes {
+		if r := &cfg.Routes[i]; r.QUICEnabled() || r.H3Enabled() {
+			o.QUIC = true
+		}
+	}
+	o.QUICTransit = o.QUIC && cfg.UnknownSNI != "" && cfg.UnknownSNI != "original"
 	if w := redirect.ForwardingWarning(o.IPv6); w != "" && len(cfg.Steer.Interfaces) > 0 {
 		warnings = append(warnings, w)
 	}

@@ -3,6 +3,7 @@
 package config
 
 import (
+	"net"
 	"strings"
 	"time"
 )
@@ -150,6 +151,12 @@ type Route struct {
 	// before any upstream is dialled.
 	Allow []string `yaml:"allow"`
 	Deny  []string `yaml:"deny"`
+	// QUIC (passthrough routes): also relay QUIC on UDP by SNI. nil =
+	// true when every upstream's port is 443 (QUIC's port), else false.
+	QUIC *bool `yaml:"quic"`
+	// H3 (terminate routes): also serve HTTP/3 on UDP and advertise it
+	// with Alt-Svc. nil = true.
+	H3 *bool `yaml:"h3"`
 
 	// Line is the line of this route in the file, for error messages.
 	Line int `yaml:"-"`
@@ -189,6 +196,27 @@ func (r *Route) Action() string {
 	default:
 		return "passthrough"
 	}
+}
+
+// QUICEnabled reports whether a passthrough route relays QUIC too.
+func (r *Route) QUICEnabled() bool {
+	if r.Action() != "passthrough" {
+		return false
+	}
+	if r.QUIC != nil {
+		return *r.QUIC
+	}
+	for _, u := range r.Passthrough {
+		if _, port, err := net.SplitHostPort(u); err != nil || port != "443" {
+			return false
+		}
+	}
+	return len(r.Passthrough) > 0
+}
+
+// H3Enabled reports whether a terminate route serves HTTP/3 too.
+func (r *Route) H3Enabled() bool {
+	return r.Action() == "terminate" && (r.H3 == nil || *r.H3)
 }
 
 // Terminate: the relay ends TLS and proxies to Upstream.

@@ -70,6 +70,10 @@ func TestErrorsNameFileLineAndFix(t *testing.T) {
 		{"bad bypass", "steer:\n  bypass: [10.0.0.0/33]\n", `f.yaml:2: steer.bypass "10.0.0.0/33" is not a CIDR`},
 		{"bad scheme", "routes:\n  - match: a.example.com\n    terminate:\n      upstream: ftp://x:21\n      tls: internal\n",
 			`f.yaml:4: terminate.upstream "ftp://x:21": scheme "ftp" is not supported`},
+		{"quic on terminate", "routes:\n  - match: a.example.com\n    terminate: {upstream: \"http://10.0.0.1:80\", tls: internal}\n    quic: true\n",
+			`f.yaml:4: quic applies to passthrough routes only`},
+		{"h3 on passthrough", "routes:\n  - match: a.example.com\n    passthrough: 10.0.0.1:443\n    h3: false\n",
+			`f.yaml:4: h3 applies to terminate routes only`},
 		{"proxy protocol", "routes:\n  - match: a.example.com\n    passthrough: 10.0.0.1:443\n    proxy_protocol: v3\n",
 			`f.yaml:4: routes[0].proxy_protocol: "v3" is not allowed; write one of: v1, v2`},
 		{"files tls", "routes:\n  - match: a.example.com\n    terminate: {upstream: \"http://10.0.0.1:80\", tls: {cert: /x.crt}}\n",
@@ -102,5 +106,26 @@ func TestResolvePath(t *testing.T) {
 	}
 	if p := ResolvePath("", func(string) string { return "" }); p != DefaultPath {
 		t.Error(p)
+	}
+}
+
+func TestQUICDefaults(t *testing.T) {
+	yes, no := true, false
+	for _, c := range []struct {
+		r    Route
+		want bool
+	}{
+		{Route{Passthrough: Upstreams{"10.0.0.1:443"}}, true},
+		{Route{Passthrough: Upstreams{"10.0.0.1:443", "10.0.0.2:8443"}}, false},
+		{Route{Passthrough: Upstreams{"10.0.0.1:8443"}, QUIC: &yes}, true},
+		{Route{Passthrough: Upstreams{"10.0.0.1:443"}, QUIC: &no}, false},
+		{Route{Terminate: &Terminate{}}, false},
+	} {
+		if got := c.r.QUICEnabled(); got != c.want {
+			t.Errorf("%+v: QUICEnabled %v", c.r, got)
+		}
+	}
+	if !(&Route{Terminate: &Terminate{}}).H3Enabled() || (&Route{Terminate: &Terminate{}, H3: &no}).H3Enabled() || (&Route{Passthrough: Upstreams{"a:443"}}).H3Enabled() {
+		t.Error("H3Enabled defaults")
 	}
 }

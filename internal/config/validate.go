@@ -256,6 +256,12 @@ func (c *Config) Validate() error {
 		}
 		c.checkClientRules(line("allow"), r.Allow, add)
 		c.checkClientRules(line("deny"), r.Deny, add)
+		if r.QUIC != nil && len(r.Passthrough) == 0 {
+			add(line("quic"), "quic applies to passthrough routes only", "remove it; terminate routes serve HTTP/3 with `h3: true`")
+		}
+		if r.H3 != nil && r.Terminate == nil {
+			add(line("h3"), "h3 applies to terminate routes only", "remove it; passthrough routes relay QUIC with `quic: true`")
+		}
 		if r.ProxyProtocol != "" {
 			oneOf(line("proxy_protocol"), r.ProxyProtocol, "v1", "v2")
 			if len(r.Passthrough) == 0 {
