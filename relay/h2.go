@@ -239,8 +239,11 @@ func (c *h2Conn) control(kind string) error {
 // frameStreamError answers a stream error the Framer found in a frame.
 func (c *h2Conn) frameStreamError(se http2.StreamError) error {
 	kind := "stream_error"
-	if c.tap.typ == http2.FrameWindowUpdate {
+	switch c.tap.typ {
+	case http2.FrameWindowUpdate:
 		kind = "window_update_zero"
+	case http2.FrameHeaders, http2.FrameContinuation: // a malformed request (bad field, pseudo-header misuse)
+		c.s.m.badRequests.WithLabelValues(c.label, "h2").Inc()
 	}
 	if err := c.glitch(kind); err != nil {
 		return err
@@ -429,6 +432,7 @@ func (c *h2Conn) headers(f *http2.MetaHeadersFrame) error {
 	st.ctx, st.cancel = context.WithCancelCause(c.s.hardCtx)
 	req, status, err := c.request(f, st)
 	if err != nil {
+		c.s.m.badRequests.WithLabelValues(c.label, "h2").Inc()
 		c.mu.Unlock()
 		st.cancel(nil)
 		c.resetStream(id, http2.ErrCodeProtocol)
@@ -546,6 +550,7 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 	d := f.Data()
 	st.received += int64(len(d))
 	if st.declared >= 0 && (st.received > st.declared || f.StreamEnded() && st.received != st.declared) {
+		c.s.m.badRequests.WithLabelValues(c.label, "h2").Inc()
 		c.giveBackLocked(nil, n)
 		c.resetLocked(st, http2.ErrCodeProtocol)
 		return nil
