@@ -273,6 +273,7 @@ type h1Conn struct {
 	first   [1]byte        // the byte that ended the idle wait
 	pending bool           // first not yet handed to br
 	limit   int64          // bytes left for a request head; < 0: no limit
+	hc      headCheck      // the request head's bytes, as they are read
 	body    clientBody
 
 	http11   bool   // the request being served is HTTP/1.1
@@ -300,6 +301,14 @@ const (
 )
 
 func (h *h1Conn) Read(p []byte) (int, error) {
+	n, err := h.read(p)
+	if h.hc.on && n > 0 && h.hc.feed(p[:n]) != nil {
+		return n, h.hc.err
+	}
+	return n, err
+}
+
+func (h *h1Conn) read(p []byte) (int, error) {
 	if h.pending && len(p) > 0 {
 		h.pending = false
 		p[0] = h.first[0]
@@ -317,6 +326,76 @@ func (h *h1Conn) Read(p []byte) (int, error) {
 	n, err := h.tc.Read(p)
 	h.limit -= int64(n)
 	return n, err
+}
+
+// headCheck looks at a request head's bytes for what net/http's reader
+// lets through but an upstream may read otherwise (request smuggling):
+// bare LF, a CR not before LF, NUL, obs-fold (a line starting with
+// whitespace); and notes Content-Length and Transfer-Encoding, which
+// net/http reconciles when both are sent (we refuse them).
+type headCheck struct {
+	on, prevCR, started bool
+	inValue             bool // past the line's colon
+	lineLen             int
+	name                [20]byte // the line's start, lower case
+	cl, te              bool
+	err                 error
+}
+
+type smuggleError string
+
+func (e smuggleError) Error() string { return "malformed request head: " + string(e) }
+
+func (c *headCheck) reset() { *c = headCheck{on: true} }
+
+// feed checks b up to the end of the head; c.err on a fault.
+func (c *headCheck) feed(b []byte) error {
+	for _, x := range b {
+		if !c.on {
+			return nil
+		}
+		switch {
+		case c.prevCR && x != '\n':
+			c.err = smuggleError("CR not followed by LF")
+		case x == '\n' && !c.prevCR:
+			c.err = smuggleError("bare LF")
+		case x == '\n':
+			if c.lineLen == 0 && c.started {
+				c.on = false // the blank line: the head ends
+				return nil
+			}
+			if c.started {
+				n := string(c.name[:min(c.lineLen, len(c.name))])
+				c.cl = c.cl || strings.HasPrefix(n, "content-length:")
+				c.te = c.te || strings.HasPrefix(n, "transfer-encoding:")
+			}
+			c.started, c.lineLen, c.inValue = true, 0, false
+		case x == 0:
+			c.err = smuggleError("NUL")
+		case x == '\r':
+		case c.lineLen == 0 && c.started && (x == ' ' || x == '\t'):
+			c.err = smuggleError("obs-fold (a header line starting with whitespace)")
+		case c.started && !c.inValue && x == ':':
+			c.inValue = c.lineLen > 0
+			if !c.inValue {
+				c.err = smuggleError("empty header name")
+			}
+		case c.started && !c.inValue && !httpguts.IsTokenRune(rune(x)):
+			c.err = smuggleError("invalid byte in a header name (whitespace before the colon?)")
+		}
+		if c.err == nil && x != '\r' && x != '\n' {
+			if c.lineLen < len(c.name) {
+				c.name[c.lineLen] = x | 0x20 // lower case for letters; ':' and '-' stay
+			}
+			c.lineLen++
+		}
+		if c.err != nil {
+			c.on = false
+			return c.err
+		}
+		c.prevCR = x == '\r'
+	}
+	return nil
 }
 
 // kill closes the client connection and the upstream one in use (drain
@@ -503,9 +582,24 @@ func (h *h1Conn) resume() {
 func (h *h1Conn) serve() bool {
 	h.tc.SetReadDeadline(time.Now().Add(h1HeaderTimeout))
 	h.limit = h1MaxHeaderBytes + 4<<10 // + a read-ahead buffer, as net/http
+	h.hc.reset()
+	if n := h.br.Buffered(); n > 0 { // pipelined: already read
+		b, _ := h.br.Peek(n)
+		h.hc.feed(b)
+	}
 	req, err := http.ReadRequest(h.br)
 	h.limit = -1
+	h.hc.on = false
 	h.tc.SetReadDeadline(time.Time{})
+	if err == nil && req.TransferEncoding != nil && h.hc.cl {
+		err = smuggleError("both Content-Length and Transfer-Encoding")
+	}
+	if err == nil && req.URL != nil && req.URL.IsAbs() {
+		err = smuggleError("absolute-form request target (send the path, with Host)")
+	}
+	if h.hc.err != nil {
+		err = h.hc.err
+	}
 	if err == nil {
 		if ent := h.s.requestEntry(h.cc, req); ent != nil {
 			h.status, h.result, h.reason = 0, "", ""
@@ -516,6 +610,9 @@ func (h *h1Conn) serve() bool {
 		}
 	}
 	if err != nil {
+		if reason := badRequestReason(err); reason != "" {
+			h.s.m.badRequests.WithLabelValues(h.p.label, reason).Inc()
+		}
 		var ne net.Error
 		switch {
 		case errors.Is(err, errHeaderTooLarge):
@@ -567,6 +664,11 @@ func (h *h1Conn) serve() bool {
 
 	resp, u, err := h.p.roundTrip(h.s.hardCtx, req, h)
 	if err != nil {
+		if bodyFramingError(h.body.err) { // a bad chunk: the upstream saw the body break off
+			h.s.m.badRequests.WithLabelValues(h.p.label, "body").Inc()
+			h.reply(http.StatusBadRequest, "malformed request body: "+h.body.err.Error(), false)
+			return false
+		}
 		if h.body.err != nil || errors.Is(err, errClientGone) { // the client, not the upstream, failed
 			return false
 		}
@@ -577,6 +679,29 @@ func (h *h1Conn) serve() bool {
 		return h.reply(upstreamStatus(err), "", req.Body == http.NoBody && !closeAfter)
 	}
 	return h.respond(req, resp, u, upgrade, closeAfter)
+}
+
+// badRequestReason is the relay_http_bad_requests_total reason for a
+// request head net/http or headCheck refused; "" for a client that left.
+func badRequestReason(err error) string {
+	var se smuggleError
+	var ne net.Error
+	switch {
+	case errors.As(err, &se):
+		return "smuggling"
+	case errors.Is(err, errHeaderTooLarge):
+		return "too_large"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &ne):
+		return ""
+	}
+	return "malformed"
+}
+
+// bodyFramingError: a request body that broke off for its framing (a bad
+// chunk), not because the client left.
+func bodyFramingError(err error) bool {
+	var ne net.Error
+	return err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.As(err, &ne) && !errors.Is(err, net.ErrClosed)
 }
 
 // upstreamStatus is the answer to a client whose request failed upstream.

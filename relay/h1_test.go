@@ -26,7 +26,7 @@ import (
 
 // h1Relay starts a relay with one terminate route to upstream and returns
 // a function dialling it as an HTTP/1.1 client.
-func h1Relay(t *testing.T, upstream string, mod ...func(*config.Config)) (*testRelay, func() (*tls.Conn, *bufio.Reader)) {
+func h1Relay(t testing.TB, upstream string, mod ...func(*config.Config)) (*testRelay, func() (*tls.Conn, *bufio.Reader)) {
 	t.Helper()
 	cfg := baseConfig(config.Route{Match: "h1.test", Terminate: &config.Terminate{Upstream: upstream, TLS: config.TLS{Mode: "internal"}}})
 	for _, m := range mod {

@@ -36,9 +36,21 @@ const (
 	h2ReadFrame     = 16384   // largest frame read: SETTINGS_MAX_FRAME_SIZE's default, not raised
 	h2InitialWindow = 65535   // RFC 9113 6.9.2
 	h2MaxWindow     = 1<<31 - 1
+
+	// A connection's glitch budget (as HAProxy's
+	// tune.h2.fe.glitches-threshold): protocol oddities a client makes
+	// the relay handle, leaking one per h2GlitchLeak so that a browser's
+	// cancellations over hours never add up. Past it: GOAWAY
+	// ENHANCE_YOUR_CALM.
+	h2GlitchBudget = 1000
+	h2GlitchLeak   = 100 * time.Millisecond
+	h2CtlPerSecond = 20 // PINGs and SETTINGS a second before they count
 )
 
-var errH2Closed = errors.New("http2: connection closed")
+var (
+	errH2Closed = errors.New("http2: connection closed")
+	errH2Calm   = errors.New("http2: the client spent its glitch budget")
+)
 
 // h2Conn is a client connection speaking HTTP/2.
 type h2Conn struct {
@@ -49,7 +61,14 @@ type h2Conn struct {
 	fr      *http2.Framer // reads, on the connection's goroutine only
 	tap     frameTap      // the header of the frame fr read last
 	remote  string
+	label   string // route
 	tlsSt   tls.ConnectionState
+
+	// The glitch budget; on the read goroutine only.
+	glitches int
+	glitchAt time.Time // of the last leak
+	ctlN     int       // PINGs and SETTINGS in the second from ctlAt
+	ctlAt    time.Time
 
 	// Frames are written to bw under wmu; the writer that finds no other
 	// waiting flushes.
@@ -101,6 +120,7 @@ type h2StreamState struct {
 	done      bool // the client reset it, or its answer is complete
 	expect    bool // the client waits for 100 Continue
 	final     bool // the final response's HEADERS are out: no more 1xx
+	sentEnd   bool // our END_STREAM is out (with bodyEnd: closed)
 }
 
 var h2Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 32<<10) }}
@@ -110,6 +130,7 @@ func (s *Server) serveH2(tc *tls.Conn, cc *termConn, rt *route) {
 	c := &h2Conn{
 		s: s, handler: rt.term.handler, tc: tc, cc: cc,
 		remote:   cc.RemoteAddr().String(),
+		label:    rt.term.label,
 		tlsSt:    tc.ConnectionState(),
 		streams:  map[uint32]*h2StreamState{},
 		sendWin:  h2InitialWindow,
@@ -119,7 +140,7 @@ func (s *Server) serveH2(tc *tls.Conn, cc *termConn, rt *route) {
 	}
 	c.cond = sync.NewCond(&c.mu)
 	c.henc = hpack.NewEncoder(&c.hbuf)
-	c.tap.r = tc
+	c.tap.r, c.tap.c = tc, c
 	c.fr = http2.NewFramer(io.Discard, &c.tap)
 	c.fr.SetMaxReadFrameSize(h2ReadFrame)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -173,6 +194,15 @@ func (c *h2Conn) run() {
 	}
 	var ce http2.ConnectionError
 	switch {
+	case errors.Is(err, errH2Calm):
+		c.s.m.limitRejections.WithLabelValues("h2_glitches").Inc()
+		c.s.log.Info("http2 client closed: glitch budget spent", "route", c.label, "client", c.remote)
+		c.goAwayNow(http2.ErrCodeEnhanceYourCalm)
+		// A moment for the client to read the GOAWAY: closing with its
+		// flood unread would reset the connection before it does.
+		c.tc.CloseWrite()
+		c.tc.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+		io.CopyN(io.Discard, c.tc, 256<<10)
 	case errors.As(err, &ce):
 		c.goAwayNow(http2.ErrCode(ce))
 	case errors.Is(err, http2.ErrFrameTooLarge):
@@ -180,8 +210,44 @@ func (c *h2Conn) run() {
 	}
 }
 
+// glitch counts one glitch of kind; errH2Calm when the budget is spent.
+func (c *h2Conn) glitch(kind string) error {
+	now := time.Now()
+	if n := now.Sub(c.glitchAt) / h2GlitchLeak; n > 0 {
+		c.glitches = max(0, c.glitches-int(n))
+		c.glitchAt = now
+	}
+	c.glitches++
+	c.s.m.h2Glitches.WithLabelValues(c.label, kind).Inc()
+	if c.glitches > h2GlitchBudget {
+		return errH2Calm
+	}
+	return nil
+}
+
+// control counts a PING or SETTINGS: beyond h2CtlPerSecond, a glitch.
+func (c *h2Conn) control(kind string) error {
+	if now := time.Now(); now.Sub(c.ctlAt) > time.Second {
+		c.ctlAt, c.ctlN = now, 0
+	}
+	if c.ctlN++; c.ctlN > h2CtlPerSecond {
+		return c.glitch(kind)
+	}
+	return nil
+}
+
 // frameStreamError answers a stream error the Framer found in a frame.
 func (c *h2Conn) frameStreamError(se http2.StreamError) error {
+	kind := "stream_error"
+	switch c.tap.typ {
+	case http2.FrameWindowUpdate:
+		kind = "window_update_zero"
+	case http2.FrameHeaders, http2.FrameContinuation: // a malformed request (bad field, pseudo-header misuse)
+		c.s.m.badRequests.WithLabelValues(c.label, "h2").Inc()
+	}
+	if err := c.glitch(kind); err != nil {
+		return err
+	}
 	c.mu.Lock()
 	if se.StreamID > c.lastID || se.StreamID%2 == 0 {
 		if c.tap.typ != http2.FrameHeaders || se.StreamID%2 == 0 {
@@ -225,6 +291,9 @@ func (c *h2Conn) frame(f http2.Frame) error {
 		if f.IsAck() {
 			return nil
 		}
+		if err := c.control("settings"); err != nil {
+			return err
+		}
 		if err := c.applySettings(f); err != nil {
 			return err
 		}
@@ -238,10 +307,21 @@ func (c *h2Conn) frame(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
 		if st := c.streams[f.StreamID]; st != nil {
+			if !st.final { // reset before its answer started: work for nothing
+				if err := c.glitch("reset"); err != nil {
+					c.mu.Unlock()
+					return err
+				}
+			}
 			c.endStreamLocked(st, fmt.Errorf("http2: client reset stream %d (%v)", f.StreamID, f.ErrCode))
 		} else if c.idleLocked(f.StreamID) {
 			c.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeProtocol) // reset of an idle stream
+		} else if c.resetByUsLocked(f.StreamID) {
+			// Of a stream we refused or reset: legal, but in a rapid
+			// reset flood most are, once streams pile up.
+			c.mu.Unlock()
+			return c.glitch("reset")
 		}
 		c.mu.Unlock()
 	case *http2.PriorityFrame:
@@ -249,6 +329,9 @@ func (c *h2Conn) frame(f http2.Frame) error {
 			c.resetStream(f.StreamID, http2.ErrCodeProtocol)
 		}
 	case *http2.PingFrame:
+		if err := c.control("ping"); err != nil {
+			return err
+		}
 		if !f.IsAck() {
 			c.write(true, func() { c.rawFrame(http2.FramePing, http2.FlagPingAck, 0, f.Data[:]) })
 		}
@@ -306,7 +389,7 @@ func (c *h2Conn) headers(f *http2.MetaHeadersFrame) error {
 		c.resetStream(id, http2.ErrCodeProtocol)
 		return nil
 	}
-	if st := c.streams[id]; st != nil {
+	if st := c.streams[id]; st != nil && !(st.bodyEnd && st.sentEnd) {
 		defer c.mu.Unlock()
 		switch {
 		case st.bodyEnd: // half-closed (remote)
@@ -323,8 +406,8 @@ func (c *h2Conn) headers(f *http2.MetaHeadersFrame) error {
 	}
 	if id <= c.lastID {
 		defer c.mu.Unlock()
-		if c.resetByUsLocked(id) {
-			return nil // sent before the client saw our reset: ignored
+		if c.resetByUsLocked(id) && c.streams[id] == nil {
+			return c.glitch("closed_stream") // sent before the client saw our reset: ignored
 		}
 		return http2.ConnectionError(http2.ErrCodeStreamClosed) // closed, or skipped
 	}
@@ -339,10 +422,17 @@ func (c *h2Conn) headers(f *http2.MetaHeadersFrame) error {
 		c.resetStream(id, http2.ErrCodeRefusedStream)
 		return nil
 	}
+	if f.Truncated {
+		if err := c.glitch("header_too_large"); err != nil {
+			c.mu.Unlock()
+			return err
+		}
+	}
 	st := &h2StreamState{c: c, id: id, recvWin: h2StreamWindow, sendWin: c.initWin, declared: -1}
 	st.ctx, st.cancel = context.WithCancelCause(c.s.hardCtx)
 	req, status, err := c.request(f, st)
 	if err != nil {
+		c.s.m.badRequests.WithLabelValues(c.label, "h2").Inc()
 		c.mu.Unlock()
 		st.cancel(nil)
 		c.resetStream(id, http2.ErrCodeProtocol)
@@ -431,6 +521,11 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 		return http2.ConnectionError(http2.ErrCodeFlowControl)
 	}
 	id := f.StreamID
+	if n == 0 && !f.StreamEnded() {
+		if err := c.glitch("empty_frame"); err != nil {
+			return err
+		}
+	}
 	st := c.streams[id]
 	if st == nil || st.bodyEnd {
 		if c.idleLocked(id) {
@@ -445,7 +540,7 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 		case !c.resetByUsLocked(id): // closed by the client's END_STREAM or RST_STREAM
 			c.resetLater(id, http2.ErrCodeStreamClosed)
 		}
-		return nil
+		return c.glitch("closed_stream")
 	}
 	if st.recvWin -= n; st.recvWin < 0 {
 		c.giveBackLocked(nil, n)
@@ -455,6 +550,7 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 	d := f.Data()
 	st.received += int64(len(d))
 	if st.declared >= 0 && (st.received > st.declared || f.StreamEnded() && st.received != st.declared) {
+		c.s.m.badRequests.WithLabelValues(c.label, "h2").Inc()
 		c.giveBackLocked(nil, n)
 		c.resetLocked(st, http2.ErrCodeProtocol)
 		return nil
@@ -587,9 +683,12 @@ func (c *h2Conn) serveStream(st *h2StreamState, req *http.Request, status int) {
 				c.s.log.Error("http2 handler panic", "client", c.remote, "panic", r)
 			}
 		}
-		if aborted {
+		c.mu.Lock()
+		gone := st.done // reset by the client: no RST of ours
+		c.mu.Unlock()
+		if aborted && !gone {
 			c.resetStream(st.id, http2.ErrCodeInternal)
-		} else {
+		} else if !aborted {
 			rw.finish()
 		}
 		c.mu.Lock()
@@ -676,6 +775,12 @@ func (c *h2Conn) goAwayNow(code http2.ErrCode) {
 	last := c.lastID
 	c.mu.Unlock()
 	c.sendGoAway(last, code)
+	// Out now, not left to a waiting writer: the connection closes next.
+	c.wmu.Lock()
+	if c.bw != nil && c.werr == nil {
+		c.bw.Flush()
+	}
+	c.wmu.Unlock()
 }
 
 func (c *h2Conn) sendGoAway(last uint32, code http2.ErrCode) {
@@ -839,6 +944,9 @@ func (c *h2Conn) streamHeaders(st *h2StreamState, status int, h http.Header, end
 		done, final := st.done, st.final
 		if status >= 200 || status == 0 {
 			st.final = true
+		}
+		if !done && end {
+			st.sentEnd = true
 		}
 		c.mu.Unlock()
 		if done {
@@ -1045,8 +1153,9 @@ func (w *h2Response) data(p []byte, end bool) error {
 		n = min(n, c.sendWin, st.sendWin)
 		c.sendWin -= n
 		st.sendWin -= n
-		c.mu.Unlock()
 		last := end && int(n) == len(p)
+		st.sentEnd = last
+		c.mu.Unlock()
 		flags := http2.Flags(0)
 		if last {
 			flags = http2.FlagDataEndStream
@@ -1067,13 +1176,18 @@ func (w *h2Response) data(p []byte, end bool) error {
 // type they come from.
 type frameTap struct {
 	r    io.Reader
+	c    *h2Conn
 	hdr  [9]byte
 	hn   int // header bytes of the next frame seen
 	left int // payload bytes of the current frame still to come
 	typ  http2.FrameType
+	err  error // the glitch budget was spent
 }
 
 func (t *frameTap) Read(p []byte) (int, error) {
+	if t.err != nil {
+		return 0, t.err
+	}
 	n, err := t.r.Read(p)
 	for b := p[:n]; len(b) > 0; {
 		if t.left > 0 {
@@ -1089,6 +1203,17 @@ func (t *frameTap) Read(p []byte) (int, error) {
 			t.hn = 0
 			t.left = int(t.hdr[0])<<16 | int(t.hdr[1])<<8 | int(t.hdr[2])
 			t.typ = http2.FrameType(t.hdr[3])
+			// The Framer gathers a header block's CONTINUATIONs itself:
+			// small ones before the last are counted here.
+			if t.typ == http2.FrameContinuation && t.left < 1024 && t.hdr[4]&byte(http2.FlagContinuationEndHeaders) == 0 && t.c != nil {
+				kind := "continuation"
+				if t.left == 0 {
+					kind = "empty_frame"
+				}
+				if t.err = t.c.glitch(kind); t.err != nil {
+					return n, t.err // io.ReadFull drops it when n is enough: sticky
+				}
+			}
 		}
 	}
 	return n, err

@@ -26,7 +26,7 @@ import (
 
 // bulkUpstream answers /sha with the length and sha256 of the request
 // body, and /bytes?n=N with N bytes of pattern.
-func bulkUpstream(t *testing.T) string {
+func bulkUpstream(t testing.TB) string {
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/sha":

@@ -25,6 +25,8 @@ type relayMetrics struct {
 	limitRejections *metrics.CounterVec // limit
 	tlsErrors       *metrics.CounterVec // route
 	accessDenied    *metrics.CounterVec // route, reason
+	h2Glitches      *metrics.CounterVec // route, kind
+	badRequests     *metrics.CounterVec // route, reason
 }
 
 func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
@@ -59,6 +61,12 @@ func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
 	m.accessDenied = metrics.NewCounterVec("relay_access_denied_total",
 		"Clients refused by a route's access rules, by route and reason (deny, not_allowed, client_cert, basic_auth, forward_auth).",
 		"route", "reason")
+	m.h2Glitches = metrics.NewCounterVec("relay_h2_glitches_total",
+		"HTTP/2 protocol glitches by route and kind (reset, empty_frame, continuation, ping, settings, window_update_zero, header_too_large, closed_stream, stream_error); past a connection's budget it is closed with ENHANCE_YOUR_CALM.",
+		"route", "kind")
+	m.badRequests = metrics.NewCounterVec("relay_http_bad_requests_total",
+		"Requests refused as malformed on terminate routes, by route and reason (smuggling, malformed, too_large, body: HTTP/1; h2: a malformed h2 request, reset with PROTOCOL_ERROR).",
+		"route", "reason")
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)
 	}
@@ -66,7 +74,7 @@ func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
 		m.helloErrors.WithLabelValues(r)
 	}
 	for _, c := range []metrics.Collector{m.connections, m.active, m.bytes, m.helloErrors, m.upstreamErrors,
-		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, m.accessDenied, splicedCollector{sp}} {
+		m.bpfAttached, m.reloads, m.limitRejections, m.tlsErrors, m.accessDenied, m.h2Glitches, m.badRequests, splicedCollector{sp}} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("relay metrics: %w", err)
 		}
