@@ -33,9 +33,9 @@ var sshIDs = [][]byte{[]byte("SSH-2.0-"), []byte("SSH-1.99-")}
 // and key id; a client opens with a hard reset.
 const (
 	ovpnHardResetClientV2 = 7
-	ovpnHardResetClientV3 = 10 // tls-crypt-v2
-	ovpnMinResetLen       = 14 // opcode + session id + ack array length + packet id
-	ovpnMaxResetLen       = 1500
+	ovpnHardResetClientV3 = 10   // tls-crypt-v2
+	ovpnMinResetLen       = 14   // opcode + session id + ack array length + packet id
+	ovpnMaxResetLen       = 2048 // tls-crypt-v2 resets carry the wrapped client key
 )
 
 // classify reads b, the first bytes of a connection: the protocol, or

@@ -300,8 +300,12 @@ func (st *selftest) run() *stReport {
 	pqDone := false
 	for i := range st.cfg.Routes {
 		r := &st.cfg.Routes[i]
-		if !r.IsName() || len(r.ALPN) > 0 {
-			continue // protocol and ALPN routes: the probes speak TLS without ALPN
+		if !r.IsName() {
+			rep.Probes = append(rep.Probes, st.probeProtocol(r))
+			continue
+		}
+		if len(r.ALPN) > 0 {
+			continue // the TLS probes offer no ALPN
 		}
 		name := probeName(r.Match)
 		rep.Probes = append(rep.Probes, st.probeTLS(r, name, r.Match, ""))
@@ -556,6 +560,64 @@ func (st *selftest) probeHTTP(r *config.Route, name string) stProbe {
 	p.add("308 to https", resp.StatusCode == http.StatusPermanentRedirect && resp.Header.Get("Location") == want,
 		fmt.Sprintf("%d Location %s", resp.StatusCode, resp.Header.Get("Location")),
 		fmt.Sprintf("want 308 to %s (a routed Host gets a redirect to https)", want))
+	return p
+}
+
+// ovpnReset is an OpenVPN client's hard reset (P_CONTROL_HARD_RESET_CLIENT_V2,
+// key 0, a session id, no acks, packet id 0), as sent over TCP.
+var ovpnReset = []byte{0, 14, 7 << 3, 'r', 'e', 'l', 'a', 'y', 's', 't', '1', 0, 0, 0, 0, 0}
+
+// probeProtocol checks a protocol or silence route: the relay must count
+// the connection under it and, but for OpenVPN (whose server may drop
+// unauthenticated resets: tls-auth), the upstream must answer.
+func (st *selftest) probeProtocol(r *config.Route) stProbe {
+	label := r.Label()
+	p := stProbe{Route: label, Probe: "protocol"}
+	addr := net.JoinHostPort(st.target, st.httpsP)
+	before, _ := st.snapshot()
+	conn, err := st.dial(addr)
+	if err != nil {
+		p.add("steered into the relay", false, fmt.Sprintf("dial %s: %v", addr, err), notSteered)
+		return p
+	}
+	wait := 5 * time.Second
+	if r.Silence > 0 {
+		wait += r.Silence.D()
+	}
+	conn.SetDeadline(time.Now().Add(wait))
+	var send []byte
+	var want string // the upstream's answer starts with it
+	switch r.Protocol {
+	case "ssh":
+		send, want = []byte("SSH-2.0-relayctl_selftest\r\n"), "SSH-"
+	case "http":
+		send, want = []byte("HEAD / HTTP/1.1\r\nHost: selftest.invalid\r\nUser-Agent: relayctl-selftest\r\nConnection: close\r\n\r\n"), "HTTP/"
+	case "openvpn":
+		send = ovpnReset
+	}
+	var got []byte
+	if _, err = conn.Write(send); err == nil && r.Protocol != "openvpn" {
+		buf := make([]byte, 64)
+		n, rerr := io.ReadAtLeast(conn, buf, max(1, len(want)))
+		got, err = buf[:n], rerr
+	}
+	conn.Close()
+	moved := st.observe(before, connKey(label, "passthrough"))
+	if !p.add("steered into the relay", len(moved) > 0, "relay counted "+describe(moved),
+		fmt.Sprintf("the relay did not see a connection to %s: check `sudo relayctl rules show` or run `sudo relayctl rules apply --watch`", addr)) {
+		return p
+	}
+	_, chosen := moved[connKey(label, "passthrough")]
+	p.add("route chosen", chosen, "want route "+label+" (passthrough)", "the relay chose another route: "+describe(moved))
+	if r.Protocol == "openvpn" {
+		return p
+	}
+	up := ""
+	if len(r.Passthrough) > 0 {
+		up = r.Passthrough[0]
+	}
+	p.add("upstream answered", err == nil && strings.HasPrefix(string(got), want), fmt.Sprintf("%q from %s", got, up),
+		fmt.Sprintf("no answer through the relay from %s (%v): is it up? (relay_upstream_errors_total)", up, err))
 	return p
 }
 
