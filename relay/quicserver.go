@@ -25,7 +25,7 @@ import (
 const (
 	quicMaxDatagrams  = 64   // buffered per peeking flow
 	quicMaxBadPerFlow = 8    // undecodable datagrams before a peeking flow is dropped
-	quicUpBuf         = 4096 // upstream datagram buffer (QUIC keeps datagrams ≤ ~1500 bytes)
+	quicUpBuf         = 4096 // upstream read buffer without GRO (not Linux)
 )
 
 type flowKind uint8
@@ -167,6 +167,7 @@ func listenQUIC(tcp net.Addr) (*net.UDPConn, error) {
 	// Bursts of a fast upstream: room for a few hundred datagrams.
 	pc.SetReadBuffer(4 << 20)
 	pc.SetWriteBuffer(4 << 20)
+	enableGRO(pc)
 	return pc, nil
 }
 
@@ -182,9 +183,10 @@ func (q *quicServer) serve() {
 	q.wg.Add(1)
 	q.mu.Unlock()
 	go func() { defer q.wg.Done(); q.reap() }()
-	buf := make([]byte, 65536)
+	buf := make([]byte, 65536) // a GRO train of datagrams
+	var oob [64]byte
 	for {
-		n, client, err := q.pc.ReadFromUDPAddrPort(buf)
+		n, oobn, _, client, err := q.pc.ReadMsgUDPAddrPort(buf, oob[:])
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -192,7 +194,35 @@ func (q *quicServer) serve() {
 			q.s.log.Debug("quic read", "err", err)
 			continue
 		}
-		q.datagram(buf[:n], client, time.Now())
+		now := time.Now()
+		if seg := groSegment(oob[:oobn]); seg > 0 && seg < n {
+			q.train(buf[:n], seg, client, now)
+			continue
+		}
+		q.datagram(buf[:n], client, now)
+	}
+}
+
+// train handles datagrams the kernel coalesced (GRO: one client, equal
+// sizes but the last): a passthrough flow forwards them with one send.
+func (q *quicServer) train(b []byte, seg int, client netip.AddrPort, now time.Time) {
+	key := netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+	q.mu.Lock()
+	f := q.flows[key]
+	var up *net.UDPConn
+	if f != nil && f.kind == flowPassthrough {
+		up = f.up
+	}
+	q.mu.Unlock()
+	if up != nil {
+		f.touch(now)
+		if writeTrain(up, b, seg, netip.AddrPort{}) == nil {
+			f.upC.Add(float64(len(b)))
+		}
+		return
+	}
+	for off := 0; off < len(b); off += seg {
+		q.datagram(b[off:min(off+seg, len(b))], client, now)
 	}
 }
 
@@ -362,19 +392,21 @@ func (q *quicServer) route(key netip.AddrPort, f *quicFlow, h *ClientHello) {
 
 // downstream copies the upstream's datagrams to the client, out of the
 // listening socket so that the client sees the address it sent to.
+// The read buffer is taken only once the upstream socket is readable, so
+// an idle flow holds its goroutine and socket, no buffer.
 func (q *quicServer) downstream(f *quicFlow) {
-	buf := make([]byte, quicUpBuf)
+	forward := func(b []byte, seg int) {
+		f.touch(time.Now())
+		if writeTrain(q.pc, b, seg, f.client) == nil {
+			f.downC.Add(float64(len(b)))
+		}
+	}
 	for {
-		n, err := f.up.Read(buf)
-		if err != nil {
+		if err := readTrain(f.up, forward); err != nil {
 			if errors.Is(err, syscall.ECONNREFUSED) {
 				continue // an ICMP port unreachable for an earlier datagram
 			}
 			return // closed by the reaper or on shutdown
-		}
-		f.touch(time.Now())
-		if _, err := q.pc.WriteToUDPAddrPort(buf[:n], f.client); err == nil {
-			f.downC.Add(float64(n))
 		}
 	}
 }
@@ -469,5 +501,6 @@ func (p *pool) dialUDP() (*net.UDPConn, string, error) {
 		return nil, u.addr, fmt.Errorf("dial udp %s: %w", u.addr, err)
 	}
 	c.SetReadBuffer(1 << 20)
+	enableGRO(c)
 	return c, u.addr, nil
 }
