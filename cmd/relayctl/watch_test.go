@@ -359,6 +359,10 @@ func TestWatchSIGTERM(t *testing.T) {
 	if out := w.run(t, "gw", relayctlBin, "rules", "apply", "-c", w.cfg); !strings.Contains(out, "applied by `rules apply --watch`") {
 		t.Errorf("rules apply while watching:\n%s", out)
 	}
+	// The watcher is signalled, not waited for: give it time to log.
+	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(out.String(), "config reloaded and applied") && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
 	if !strings.Contains(out.String(), "config reloaded and applied") {
 		t.Errorf("the watcher did not reload:\n%s", out.String())
 	}
