@@ -3,7 +3,6 @@ package relay
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -29,11 +28,20 @@ func (s *Server) passthrough(client *net.TCPConn, hello *ClientHello, rt *route,
 	st := s.state.Load()
 	lim := st.cfg.Limits
 
+	if underFDPressure() { // out of descriptors a moment ago: shed
+		active.Dec()
+		s.fds.note(syscall.EMFILE)
+		return false
+	}
 	upConn, addr, err := rt.dial(context.Background(), lim.DialTimeout.D(), dst, func(err error) {
 		s.m.upstreamErrors.WithLabelValues(rt.label, dialErrorReason(err)).Inc()
 	})
 	if err != nil {
 		active.Dec()
+		if isFDExhausted(err) { // shed: counted and logged once per interval
+			s.fds.note(err)
+			return false
+		}
 		s.log.Warn("upstream unreachable", "route", rt.label, "sni", hello.ServerName, "client", s.peer(client), "err", err)
 		return false
 	}
@@ -183,8 +191,8 @@ func (s *Server) passthroughHTTP(client *net.TCPConn, dst netip.AddrPort) {
 // adder is a byte counter (the relay's per-route metrics).
 type adder interface{ Add(float64) }
 
-// spliceCopier relays with io.Copy between two *net.TCPConn, which the
-// runtime turns into splice(2), so payload never enters user space.
+// spliceCopier relays with splice(2) between two *net.TCPConn (copyConn),
+// so payload never enters user space.
 type spliceCopier struct {
 	// parkAfter > 0: once neither socket received anything for it, pipe
 	// stops both directions without closing and returns errParked.
@@ -236,7 +244,7 @@ func (cp spliceCopier) pipe(client, upstream *net.TCPConn, idle time.Duration, u
 			if stopIfAsked(src) { // after the deadline: see the request below
 				return
 			}
-			n, err := io.Copy(dst, src)
+			n, err := copyConn(dst, src)
 			*total += n
 			if c != nil && n > 0 {
 				c.Add(float64(n))
