@@ -160,6 +160,7 @@ type tmplData struct {
 	Workers      int    // = nproc = the relay's GOMAXPROCS
 	Listen2      string // soak: HAProxy's terminating frontend
 	NOFILE       uint64 // soak: the open-file limit every process gets
+	MaxConn      uint64 // soak: HAProxy's maxconn, fitted to NOFILE
 	Splice       bool
 }
 

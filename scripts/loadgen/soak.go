@@ -141,7 +141,7 @@ func (o soakOpts) run(proxy string, r *SoakResult) error {
 	addr := mustFree()
 	d := tmplData{Listen: addr, Listen2: addr, Metrics: mustFree(), Upstream: up.tls, HTTPUpstream: up.http, Dir: dir,
 		Cert: filepath.Join(upDir, "cert.pem"), Key: filepath.Join(upDir, "key.pem"), CertKey: filepath.Join(upDir, "cert+key.pem"),
-		Workers: o.workers, NOFILE: o.nofile}
+		Workers: o.workers, NOFILE: o.nofile, MaxConn: (o.nofile - 100) / 2}
 	tmpl, argv := "relay-soak.yaml", func(cfg string) []string { return []string{o.relay, "serve", "-c", cfg} }
 	if proxy == "haproxy" {
 		d.Listen2 = mustFree()
@@ -424,7 +424,7 @@ func soakMarkdown(rs []*SoakResult, o soakOpts) string {
 	row("held terminate / failed", func(r *SoakResult) string { return fmt.Sprintf("%d / %d", r.Term, r.TermFailed) })
 	row("slowloris opened", func(r *SoakResult) string { return fmt.Sprint(r.Slowloris) })
 	row("time to open", func(r *SoakResult) string { return fmt.Sprintf("%.1f s", r.OpenSeconds) })
-	row("open files: idle / held / 30 s after close", func(r *SoakResult) string {
+	row("open files: idle / held / after close", func(r *SoakResult) string {
 		return fmt.Sprintf("%d / %d / %d", r.IdleFDs, r.HeldFDs, r.ClosedFDs)
 	})
 	row("RSS: idle / 1 s after last open / settled / after close", func(r *SoakResult) string {
