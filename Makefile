@@ -7,7 +7,7 @@ BUILD    := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 PKGS     := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench cross dist clean
+.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench soak cross dist clean
 
 all: build
 
@@ -47,6 +47,17 @@ demo: build
 
 bench: build
 	./scripts/bench.sh $(if $(QUICK),--quick,)
+
+# The load test (docs/BENCHMARKS.md "Soak"): the relay and HAProxy (apt-get
+# installs it here when root) at once under held passthrough and terminate
+# connections, slowloris, a paced 256 MiB transfer and a normal client.
+# SOAK_N / SOAK_M scale it to the machine's open-file limit.
+SOAK_N ?= 8000
+SOAK_M ?= 500
+soak: build
+	@if [ "$$(id -u)" = 0 ] && ! command -v haproxy >/dev/null && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq --no-install-recommends haproxy >/dev/null 2>&1 || echo "soak: cannot install haproxy: relay only" >&2; fi
+	$(GO) run ./scripts/loadgen soak -relay bin/relayctl -configs scripts/bench -n $(SOAK_N) -m $(SOAK_M)
 
 # Compile check for the CPUs home routers use.
 cross:

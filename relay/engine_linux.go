@@ -36,9 +36,6 @@ type engine struct {
 	pairs   map[*enginePair]time.Time // next idle check
 	watches map[*engineWatch]struct{} // armed
 
-	pmu   sync.Mutex
-	pipes []*splicePipe // empty pipes kept for reuse
-
 	workers sync.WaitGroup
 	ctx     context.Context
 	stop    func() bool // the context registration
@@ -146,7 +143,7 @@ func (e *engine) finishAll(err error) {
 }
 
 // close ends every pair (closing its sockets), waits for the workers and
-// releases the epoll set and the pipes.
+// releases the epoll set (pipes go back to the process-wide pool).
 func (e *engine) close() {
 	e.stop()
 	e.mu.Lock()
@@ -158,12 +155,6 @@ func (e *engine) close() {
 	e.ep.Close()
 	<-e.loopDone
 	e.workers.Wait()
-	e.pmu.Lock()
-	for _, p := range e.pipes {
-		p.close()
-	}
-	e.pipes = nil
-	e.pmu.Unlock()
 }
 
 // splice hands client and upstream (the hello already replayed) to the
@@ -376,7 +367,9 @@ type engineDir struct {
 	src, dst *engineEnd
 	c        adder
 	pipe     *splicePipe // the worker's; nil while nothing is held
-	inPipe   int         // the worker's
+	buf      *[]byte     // the worker's, instead of pipe when the pool had none
+	off      int         // the worker's: where buf's held bytes start
+	inPipe   int         // the worker's: bytes held in pipe or buf
 	eof      bool        // the worker's: src sent its FIN
 	finned   bool        // the worker's: and it was passed on to dst
 	held     atomic.Bool // bytes wait in pipe for room in dst
@@ -480,13 +473,11 @@ func (d *engineDir) process(budget int) (more bool) {
 			}
 			return false
 		}
-		if d.pipe == nil {
-			pp, err := p.e.getPipe()
-			if err != nil {
-				p.finish(err)
-				return false
+		if d.pipe == nil && d.buf == nil {
+			// Taken only now that src has something (or its FIN).
+			if d.pipe = pipes.get(); d.pipe == nil {
+				d.buf, d.off = copyBufs.Get().(*[]byte), 0
 			}
-			d.pipe = pp
 		}
 		n, err := d.drain()
 		switch {
@@ -504,29 +495,47 @@ func (d *engineDir) process(budget int) (more bool) {
 	}
 }
 
-// drain splices from src into the pipe.
+// drain moves from src into the pipe (or the buffer).
 func (d *engineDir) drain() (int, error) {
+	if d.pipe == nil {
+		d.off = 0 // empty: inPipe is 0 here
+		return rawIO(d.src.rc, func(fd int) (int, error) { return unix.Read(fd, *d.buf) })
+	}
 	return spliceSock(d.src.rc, func(sock int) (int, int) { return sock, d.pipe.w }, maxSplice)
 }
 
-// pump splices from the pipe into dst.
+// pump moves from the pipe (or the buffer) into dst.
 func (d *engineDir) pump() (int, error) {
+	if d.pipe == nil {
+		n, err := rawIO(d.dst.rc, func(fd int) (int, error) { return unix.Write(fd, (*d.buf)[d.off:d.off+d.inPipe]) })
+		if n > 0 {
+			d.off += n
+		}
+		return n, err
+	}
 	return spliceSock(d.dst.rc, func(sock int) (int, int) { return d.pipe.r, sock }, d.inPipe)
 }
 
 // spliceSock moves up to n bytes between a pipe and the socket behind rc,
 // which stays open for the call; ends orders them given the socket's fd.
 func spliceSock(rc syscall.RawConn, ends func(sock int) (in, out int), n int) (int, error) {
+	return rawIO(rc, func(fd int) (int, error) {
+		in, out := ends(fd)
+		return spliceRetry(in, out, n)
+	})
+}
+
+// rawIO runs one non-blocking call on the socket behind rc (which stays
+// open for it), retried on EINTR.
+func rawIO(rc syscall.RawConn, f func(fd int) (int, error)) (int, error) {
 	var (
 		moved int
 		err   error
 	)
 	cerr := rc.Control(func(fd uintptr) {
-		in, out := ends(int(fd))
 		for {
-			m, serr := unix.Splice(in, nil, out, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			if serr != unix.EINTR {
-				moved, err = int(m), serr // m is int64 or int, by architecture
+			moved, err = f(int(fd))
+			if err != unix.EINTR {
 				return
 			}
 		}
@@ -537,64 +546,25 @@ func spliceSock(rc syscall.RawConn, ends func(sock int) (in, out int), n int) (i
 	return moved, err
 }
 
-// putPipe returns an empty pipe for reuse.
+// putPipe gives back an empty pipe or buffer.
 func (d *engineDir) putPipe() {
 	if d.pipe != nil {
-		d.p.e.putPipe(d.pipe)
+		pipes.put(d.pipe)
 		d.pipe = nil
 	}
+	if d.buf != nil {
+		copyBufs.Put(d.buf)
+		d.buf, d.off = nil, 0
+	}
 }
 
-// dropPipe closes a pipe that may still hold bytes of an ended pair.
+// dropPipe releases what may still hold bytes of an ended pair.
 func (d *engineDir) dropPipe() {
 	d.held.Store(false)
-	if d.pipe != nil {
-		if d.inPipe > 0 {
-			d.pipe.close()
-		} else {
-			d.p.e.putPipe(d.pipe)
-		}
-		d.pipe, d.inPipe = nil, 0
+	if d.pipe != nil && d.inPipe > 0 {
+		pipes.drop(d.pipe)
+		d.pipe = nil
 	}
-}
-
-type splicePipe struct{ r, w int }
-
-func (p *splicePipe) close() {
-	unix.Close(p.r)
-	unix.Close(p.w)
-}
-
-// maxIdlePipes bounds the pipes kept for reuse: each counts against the
-// user's pipe buffer quota (fs.pipe-user-pages-soft) even while empty.
-const maxIdlePipes = 16
-
-func (e *engine) getPipe() (*splicePipe, error) {
-	e.pmu.Lock()
-	if n := len(e.pipes); n > 0 {
-		p := e.pipes[n-1]
-		e.pipes = e.pipes[:n-1]
-		e.pmu.Unlock()
-		return p, nil
-	}
-	e.pmu.Unlock()
-	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-		return nil, fmt.Errorf("pipe: %w", err)
-	}
-	// Fewer, larger splices; a smaller pipe (quota reached) still works.
-	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, maxSplice)
-	return &splicePipe{r: fds[0], w: fds[1]}, nil
-}
-
-func (e *engine) putPipe(p *splicePipe) {
-	e.pmu.Lock()
-	if len(e.pipes) < maxIdlePipes && !e.shut.Load() {
-		e.pipes = append(e.pipes, p)
-		p = nil
-	}
-	e.pmu.Unlock()
-	if p != nil {
-		p.close()
-	}
+	d.putPipe()
+	d.inPipe = 0
 }

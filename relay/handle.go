@@ -201,13 +201,8 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 	start := time.Now()
 	st := s.state.Load()
 	lim := st.cfg.Limits
-	if !s.acquireHandshake(lim.HelloTimeout.D()) {
-		s.m.limitRejections.WithLabelValues("max_handshakes").Inc()
-		return
-	}
 	helloTimeout, ok := s.proxyIn(tc, st)
 	if !ok {
-		s.releaseHandshake()
 		return
 	}
 	// The first bytes say TLS or another protocol (protocol routes, and
@@ -227,11 +222,18 @@ func (s *Server) handleTLS(c net.Conn) (detached bool) {
 		hello, err = ReadClientHello(&prefixConn{Conn: tc, pending: got}, time.Until(deadline), lim.MaxHelloBytes)
 	}
 	if err != nil {
-		s.releaseHandshake()
 		reason := HelloErrorReason(err)
 		s.m.helloErrors.WithLabelValues(reason).Inc()
 		s.log.Debug("clienthello", "client", s.peer(c), "reason", reason, "err", err)
 		s.logEntry(s.connEntry(c, start, nil, nil), resultError, reason)
+		return
+	}
+	// The slot bounds the work after the hello (dials, TLS handshakes).
+	// Waiting for a hello is bounded by max_connections and hello_timeout
+	// only: 1,000 slowloris clients would otherwise hold every slot for
+	// hello_timeout and make the others wait.
+	if !s.acquireHandshake(lim.HelloTimeout.D()) {
+		s.m.limitRejections.WithLabelValues("max_handshakes").Inc()
 		return
 	}
 	if !s.routed(c) {

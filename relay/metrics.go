@@ -52,7 +52,7 @@ func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
 			"Configuration reloads, by result (success, failure).",
 			"result"),
 		limitRejections: metrics.NewCounterVec("relay_limit_rejections_total",
-			"Connections refused or closed because a limit was reached (max_connections, max_handshakes, idle_timeout).",
+			"Connections refused or closed because a limit was reached (max_connections, max_handshakes, idle_timeout, open_files, ...).",
 			"limit"),
 		tlsErrors: metrics.NewCounterVec("relay_tls_handshake_errors_total",
 			"TLS handshakes that failed on terminate routes, by route.",

@@ -259,9 +259,23 @@ func TestEngineCloseMidTransfer(t *testing.T) {
 			c.Close()
 		}
 	}
-	time.Sleep(100 * time.Millisecond)
-	if after := openFDs(t); after > before {
-		t.Fatalf("%d descriptors open after, %d before", after, before)
+	// Empty pipes stay in the process-wide pool for pipeIdle.
+	waitFDs(t, before, pipeIdle+3*time.Second)
+}
+
+// waitFDs fails unless at most want descriptors are open within d.
+func waitFDs(t *testing.T, want int, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		n := openFDs(t)
+		if n <= want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d descriptors open %v after, %d before", n, d, want)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

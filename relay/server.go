@@ -74,6 +74,8 @@ type Server struct {
 	conns      sync.WaitGroup
 	active     atomic.Int64
 	handshakes chan struct{} // semaphore: max_handshakes
+	maxConns   atomic.Int64  // max_connections fitted to RLIMIT_NOFILE
+	fds        *fdShedder    // sheds connections on EMFILE/ENFILE
 
 	mu      sync.Mutex
 	tracked map[net.Conn]connState // open client conns; drain treats them by state
@@ -140,6 +142,7 @@ func New(opts Options) (*Server, error) {
 
 	s.state.Store(st)
 	s.handshakes = make(chan struct{}, st.cfg.Limits.MaxHandshakes)
+	s.maxConns.Store(int64(s.fitLimits(st.cfg)))
 
 	lc := listenConfig()
 	cfg := opts.Config
@@ -169,6 +172,10 @@ func New(opts Options) (*Server, error) {
 		s.closeListeners()
 		return nil, err
 	}
+	s.fds = newFDShedder(func() { s.m.limitRejections.WithLabelValues("open_files").Inc() }, func(shed int64, err error) {
+		s.log.Warn("out of open files: new connections are closed at once, held ones keep working; raise LimitNOFILE= (or ulimit -n) or lower limits.max_connections",
+			"shed_since_last_line", shed, "open_files_limit", openFileLimit(), "err", err)
+	})
 	return s, nil
 }
 
@@ -236,6 +243,7 @@ func (s *Server) Reload(cfg *config.Config) error {
 		s.m.reloads.WithLabelValues("failure").Inc()
 		return err
 	}
+	s.maxConns.Store(int64(s.fitLimits(cfg)))
 	old := s.state.Swap(st)
 	// New requests go to the new pools; idle connections of the old ones
 	// would otherwise stay open to the upstreams until their idle timeout.
@@ -269,14 +277,16 @@ func (s *Server) Serve(ctx context.Context) error {
 			}
 		}()
 	}
-	start(func() error { return s.acceptLoop(s.httpsLn, s.handleTLS) })
+	start(func() error { return s.acceptLoop(s.shedding(s.httpsLn), s.handleTLS) })
 	if s.quic != nil {
 		start(func() error { s.quic.serve(); return nil })
 	}
 	var httpSrv, metricsSrv *http.Server
 	if s.httpLn != nil {
 		httpSrv = s.newHTTPPortServer()
-		start(func() error { return ignoreClosed(httpSrv.Serve(s.countingListener(s.proxyListener(s.httpLn)))) })
+		start(func() error {
+			return ignoreClosed(httpSrv.Serve(s.countingListener(s.proxyListener(s.shedding(s.httpLn)))))
+		})
 	}
 	if s.metricLn != nil {
 		mux := http.NewServeMux()
@@ -287,7 +297,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		defer close(sampleDone)
 		go s.sampleLoop(sampleDone)
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		start(func() error { return ignoreClosed(metricsSrv.Serve(s.metricLn)) })
+		start(func() error { return ignoreClosed(metricsSrv.Serve(s.shedding(s.metricLn))) })
 	}
 	s.log.Info("relay serving", "https", s.HTTPSAddr(), "http", s.HTTPAddr(), "metrics", s.MetricsAddr())
 
@@ -345,8 +355,13 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.closeListeners()
 	wg.Wait()
 	s.alog.close()
+	s.fds.close()
 	return err
 }
+
+// shedding wraps ln so that running out of descriptors sheds connections
+// instead of stalling accept.
+func (s *Server) shedding(ln net.Listener) net.Listener { return &shedListener{Listener: ln, f: s.fds} }
 
 func (s *Server) closeListeners() {
 	for _, l := range []net.Listener{s.httpsLn, s.httpLn, s.metricLn} {
@@ -416,8 +431,8 @@ func (s *Server) engine() *engine {
 	return s.eng
 }
 
-// acceptLoop accepts until the listener closes. Temporary errors (EMFILE)
-// back off instead of spinning.
+// acceptLoop accepts until the listener closes. Other temporary errors
+// back off instead of spinning (EMFILE and ENFILE are shed by ln).
 func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn) (detached bool)) error {
 	var delay time.Duration
 	for {
@@ -449,7 +464,7 @@ func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn) (detached boo
 
 // admit enforces max_connections and tracks c for draining.
 func (s *Server) admit(c net.Conn) bool {
-	max := int64(s.state.Load().cfg.Limits.MaxConnections)
+	max := s.maxConns.Load()
 	if s.active.Add(1) > max {
 		s.active.Add(-1)
 		s.m.limitRejections.WithLabelValues("max_connections").Inc()

@@ -29,6 +29,13 @@ var idleProfile = flag.String("idleprofile", "", "BenchmarkTerminateIdleMemory: 
 // BenchmarkTerminateIdleMemory, so that the client's own TLS state is not
 // counted in the relay's heap.
 func TestMain(m *testing.M) {
+	if up := os.Getenv("RELAY_FDLIMIT_CHILD"); up != "" {
+		if err := fdLimitChild(up); err != nil {
+			fmt.Fprintln(os.Stderr, "fd limit child:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if addr := os.Getenv("RELAY_IDLE_HOLDER"); addr != "" {
 		if err := holdIdle(addr, os.Getenv("RELAY_IDLE_SNI"), os.Getenv("RELAY_IDLE_PROTO"), os.Getenv("RELAY_IDLE_N")); err != nil {
 			fmt.Fprintln(os.Stderr, "idle holder:", err)

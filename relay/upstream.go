@@ -90,6 +90,11 @@ func (p *pool) dial(ctx context.Context, timeout time.Duration, onErr func(error
 				continue
 			}
 			c, err := dialer(timeout).DialContext(ctx, "tcp", u.addr)
+			if isFDExhausted(err) {
+				// This process is out of descriptors: not the
+				// upstream's fault, and no other would do better.
+				return nil, u.addr, err
+			}
 			u.result(err)
 			if err == nil {
 				return c.(*net.TCPConn), u.addr, nil

@@ -36,6 +36,12 @@ if [ -d /run/systemd/system ] || [ -d /etc/systemd/system ]; then
 	install -m 0644 scripts/systemd/relay-rules.service scripts/systemd/relay.socket scripts/systemd/relay.service /etc/systemd/system/
 	command -v systemctl >/dev/null && systemctl daemon-reload 2>/dev/null || true
 	echo "installed units; start with: systemctl enable --now relay-rules relay.socket relay"
+	# relay.service's LimitNOFILE fits the default max_connections; the
+	# kernel's ceiling must allow it (systemd clamps it to fs.nr_open).
+	nr_open=$(cat /proc/sys/fs/nr_open 2>/dev/null || echo 0)
+	if [ "$nr_open" -gt 0 ] && [ "$nr_open" -lt 65536 ]; then
+		echo "note: fs.nr_open is $nr_open (< LimitNOFILE=65536): the relay gets at most $nr_open open files and fits max_connections to it" >&2
+	fi
 fi
 if [ -d /etc/logrotate.d ]; then
 	install -m 0644 scripts/logrotate/relay /etc/logrotate.d/relay # for log.access in /var/log/relay

@@ -158,6 +158,9 @@ type tmplData struct {
 	Cert, Key    string // PEM files (certificate of bench.test and term.test)
 	CertKey      string // both in one file (HAProxy)
 	Workers      int    // = nproc = the relay's GOMAXPROCS
+	Listen2      string // soak: HAProxy's terminating frontend
+	NOFILE       uint64 // soak: the open-file limit every process gets
+	MaxConn      uint64 // soak: HAProxy's maxconn, fitted to NOFILE
 	Splice       bool
 }
 

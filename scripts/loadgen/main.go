@@ -55,11 +55,15 @@ func main() {
 	log.SetFlags(0)
 	log.SetPrefix("loadgen: ")
 	if len(os.Args) < 2 {
-		log.Fatal("usage: loadgen serve|bulk|rtt|conns|get|idle|bench [flags]")
+		log.Fatal("usage: loadgen serve|bulk|rtt|conns|get|idle|bench|soak [flags]")
 	}
 	cmd, args := os.Args[1], os.Args[2:]
 	if cmd == "bench" {
 		benchMain(args)
+		return
+	}
+	if cmd == "soak" {
+		soakMain(args)
 		return
 	}
 	fs := flag.NewFlagSet(cmd, flag.ExitOnError)
