@@ -129,8 +129,10 @@ routes:
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- srv.Wait() }()
+	// exited is closed when serve ends, with its error in waitErr.
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = srv.Wait(); close(exited) }()
 	defer func() {
 		srv.Process.Signal(syscall.SIGTERM)
 		select {
@@ -149,8 +151,8 @@ routes:
 		deadline := time.Now().Add(30 * time.Second)
 		for time.Now().Before(deadline) {
 			select {
-			case err := <-exited:
-				t.Fatalf("relay exited while waiting for %s: %v", what, err)
+			case <-exited:
+				t.Fatalf("relay exited while waiting for %s: %v", what, waitErr)
 			default:
 			}
 			if resp, err := http.Get(metricsURL); err == nil {
