@@ -147,7 +147,7 @@ func humanBytes(b float64) string {
 
 // printQUICStats prints the QUIC flows (UDP), when there were any.
 func printQUICStats(w io.Writer, fams map[string][]metrics.Series) {
-	type row struct{ conns, active, up, down float64 }
+	type row struct{ conns, active float64 }
 	rows := map[[2]string]*row{}
 	get := func(m metrics.Series) *row {
 		k := [2]string{m.Label("route"), m.Label("action")}
