@@ -23,12 +23,12 @@ import (
 // hot paths know nothing of it.
 
 const (
-	quicMaxDatagrams  = 64   // buffered per peeking flow
-	quicMaxBadPerFlow = 8    // undecodable datagrams before a peeking flow is dropped
+	quicMaxDatagrams  = 64 // buffered per peeking flow
+	quicMaxBadPerFlow = 8  // undecodable datagrams before a peeking flow is dropped
 	// quicPeekBudget bounds the datagrams buffered by all flows being
 	// peeked (anyone can make valid Initials: their keys are public).
 	quicPeekBudget = 16 << 20
-	quicUpBuf         = 4096 // upstream read buffer without GRO (not Linux)
+	quicUpBuf      = 4096 // upstream read buffer without GRO (not Linux)
 )
 
 type flowKind uint8
