@@ -235,7 +235,8 @@ func (q *quicServer) datagram(d []byte, client netip.AddrPort, now time.Time) {
 	qm := q.s.qm
 	q.mu.Lock()
 	f := q.flows[key]
-	if f == nil {
+	fresh := f == nil
+	if fresh {
 		if !isQUICInitial(d) {
 			q.mu.Unlock()
 			qm.errors.WithLabelValues("not_initial").Inc()
@@ -283,7 +284,9 @@ func (q *quicServer) datagram(d []byte, client netip.AddrPort, now time.Time) {
 		reason := QUICErrorReason(err)
 		qm.errors.WithLabelValues(reason).Inc()
 		f.bad++
-		if reason == "too_large" || f.bad > quicMaxBadPerFlow {
+		// A flow whose first datagram is bad holds no peeking slot:
+		// garbage from spoofed sources must not fill them.
+		if fresh || reason == "too_large" || f.bad > quicMaxBadPerFlow {
 			q.dropLocked(key, f)
 		}
 		q.mu.Unlock()

@@ -155,6 +155,12 @@ func TestQUICListenerGarbage(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	r.quic.mu.Lock()
+	flows, peeking := len(r.quic.flows), r.quic.peeking
+	r.quic.mu.Unlock()
+	if flows != 0 || peeking != 0 {
+		t.Fatalf("garbage left %d flows (%d peeking)", flows, peeking)
+	}
 }
 
 // TestQUICHandOverBind: a relay started while another holds the UDP port
