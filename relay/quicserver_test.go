@@ -202,6 +202,7 @@ func TestQUICHandOverBind(t *testing.T) {
 func TestQUICPeekBudget(t *testing.T) {
 	cfg := baseConfig()
 	cfg.Limits.MaxHandshakes, cfg.Limits.MaxConnections = 100000, 100000
+	cfg.Limits.HelloTimeout = config.Duration(time.Hour) // no peek times out while the test fills them (slow under -race)
 	r := startRelay(t, cfg)
 	msg := helloMessage(t, "budget.test")
 	pkt := sealInitial(quicV1, []byte{1, 2, 3, 4, 5, 6, 7, 8}, 0, 1, cryptoFrame(0, msg[:len(msg)/2]))
