@@ -194,6 +194,11 @@ func (c *h3Conn) SetReadDeadline(t time.Time) error {
 
 func (c *h3Conn) SetWriteDeadline(time.Time) error { return nil }
 
+// SetReadBuffer and SetWriteBuffer are no-ops: the listening socket's
+// buffers are set where it is bound (quic-go would warn without them).
+func (c *h3Conn) SetReadBuffer(int) error  { return nil }
+func (c *h3Conn) SetWriteBuffer(int) error { return nil }
+
 // altSvc is the Alt-Svc value a terminate route with h3 sends on its TCP
 // answers: HTTP/3 on the UDP port the client reached over TCP (443 when
 // steered, else the https listener's port).

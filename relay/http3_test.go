@@ -98,3 +98,23 @@ func TestHTTP3Terminate(t *testing.T) {
 		t.Errorf("quic terminate connections %v", v)
 	}
 }
+
+// TestQUICAccessDenied: a route's deny applies to QUIC flows too.
+func TestQUICAccessDenied(t *testing.T) {
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer upstream.Close()
+	r := startRelay(t, baseConfig(config.Route{Match: "deny.test", Deny: []string{"127.0.0.0/8"},
+		Terminate: &config.Terminate{Upstream: upstream.URL, TLS: config.TLS{Mode: "internal"}}}))
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	if _, err := quic.DialAddr(ctx, r.QUICAddr().String(), &tls.Config{ServerName: "deny.test", RootCAs: r.ca.pool, NextProtos: []string{"h3"}}, nil); err == nil {
+		t.Fatal("denied client got a QUIC connection")
+	}
+	m := r.metricsText(t)
+	if v := metricValue(m, `relay_access_denied_total{reason="deny",route="deny.test"}`); v != 1 {
+		t.Errorf("access denied counter %v", v)
+	}
+	if v := metricValue(m, `relay_quic_connections_total{action="reject",route="deny.test"}`); v != 1 {
+		t.Errorf("quic reject counter %v", v)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,13 +14,15 @@ import (
 )
 
 // BenchmarkQUICPassthrough: one QUIC connection (quic-go both ends, one
-// process) sending 16 MiB per stream to an upstream that discards it,
-// directly and through the relay's QUIC passthrough, in the same run.
+// process) moving 16 MiB per stream to (up) or from (down) a quic-go
+// upstream, directly and through the relay's QUIC passthrough, in the
+// same run.
 // cpu-ms/GiB is the whole process's CPU (client, relay, server): the
 // relay's own cost is the difference between the two.
 //
 //	go test -run '^$' -bench QUICPassthrough -benchtime 32x -count 3 ./relay
 func BenchmarkQUICPassthrough(b *testing.B) {
+	const chunk = 16 << 20
 	ca := newTestCA(b)
 	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{GetCertificate: ca.GetCertificate, NextProtos: []string{"bench"}}, nil)
 	if err != nil {
@@ -39,8 +42,13 @@ func BenchmarkQUICPassthrough(b *testing.B) {
 						return
 					}
 					go func() {
-						io.Copy(io.Discard, st)
-						st.Write([]byte{1})
+						// A 1-byte request asks for a chunk; anything
+						// else is an upload, answered with 1 byte.
+						if n, _ := io.Copy(io.Discard, st); n == 1 {
+							st.Write(make([]byte, chunk))
+						} else {
+							st.Write([]byte{1})
+						}
 						st.Close()
 					}()
 				}
@@ -48,9 +56,12 @@ func BenchmarkQUICPassthrough(b *testing.B) {
 		}
 	}()
 	r := startRelay(b, baseConfig(config.Route{Match: "bench.test", Passthrough: config.Upstreams{ln.Addr().String()}, QUIC: boolp(true)}))
-	const chunk = 16 << 20
 	buf := make([]byte, chunk)
-	for _, c := range []struct{ name, addr string }{{"direct", ln.Addr().String()}, {"relay", r.QUICAddr().String()}} {
+	for _, c := range []struct{ name, addr string }{
+		{"up/direct", ln.Addr().String()}, {"up/relay", r.QUICAddr().String()},
+		{"down/direct", ln.Addr().String()}, {"down/relay", r.QUICAddr().String()},
+	} {
+		down := strings.HasPrefix(c.name, "down")
 		b.Run(c.name, func(b *testing.B) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
@@ -66,6 +77,14 @@ func BenchmarkQUICPassthrough(b *testing.B) {
 				st, err := conn.OpenStreamSync(ctx)
 				if err != nil {
 					b.Fatal(err)
+				}
+				if down {
+					st.Write(buf[:1])
+					st.Close()
+					if n, err := io.ReadFull(st, buf); err != nil || n != chunk {
+						b.Fatal(n, err)
+					}
+					continue
 				}
 				if _, err := st.Write(buf); err != nil {
 					b.Fatal(err)

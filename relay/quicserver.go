@@ -23,9 +23,12 @@ import (
 // hot paths know nothing of it.
 
 const (
-	quicMaxDatagrams  = 64   // buffered per peeking flow
-	quicMaxBadPerFlow = 8    // undecodable datagrams before a peeking flow is dropped
-	quicUpBuf         = 4096 // upstream read buffer without GRO (not Linux)
+	quicMaxDatagrams  = 64 // buffered per peeking flow
+	quicMaxBadPerFlow = 8  // undecodable datagrams before a peeking flow is dropped
+	// quicPeekBudget bounds the datagrams buffered by all flows being
+	// peeked (anyone can make valid Initials: their keys are public).
+	quicPeekBudget = 16 << 20
+	quicUpBuf      = 4096 // upstream read buffer without GRO (not Linux)
 )
 
 type flowKind uint8
@@ -64,6 +67,7 @@ type quicServer struct {
 	mu      sync.Mutex
 	flows   map[netip.AddrPort]*quicFlow
 	peeking int
+	queued  int // bytes buffered by peeking and routing flows, ≤ quicPeekBudget
 	closed  bool
 	stop    chan struct{}
 	wg      sync.WaitGroup
@@ -231,7 +235,8 @@ func (q *quicServer) datagram(d []byte, client netip.AddrPort, now time.Time) {
 	qm := q.s.qm
 	q.mu.Lock()
 	f := q.flows[key]
-	if f == nil {
+	fresh := f == nil
+	if fresh {
 		if !isQUICInitial(d) {
 			q.mu.Unlock()
 			qm.errors.WithLabelValues("not_initial").Inc()
@@ -279,7 +284,9 @@ func (q *quicServer) datagram(d []byte, client netip.AddrPort, now time.Time) {
 		reason := QUICErrorReason(err)
 		qm.errors.WithLabelValues(reason).Inc()
 		f.bad++
-		if reason == "too_large" || f.bad > quicMaxBadPerFlow {
+		// A flow whose first datagram is bad holds no peeking slot:
+		// garbage from spoofed sources must not fill them.
+		if fresh || reason == "too_large" || f.bad > quicMaxBadPerFlow {
 			q.dropLocked(key, f)
 		}
 		q.mu.Unlock()
@@ -287,7 +294,6 @@ func (q *quicServer) datagram(d []byte, client netip.AddrPort, now time.Time) {
 		return
 	}
 	if !q.queue(f, d) {
-		qm.errors.WithLabelValues("too_large").Inc()
 		q.dropLocked(key, f)
 		q.mu.Unlock()
 		return
@@ -302,15 +308,30 @@ func (q *quicServer) datagram(d []byte, client netip.AddrPort, now time.Time) {
 	go q.route(key, f, h)
 }
 
-// queue keeps a copy of d for the upstream; false past the flow's budget.
+// queue keeps a copy of d for the upstream; false (counted) past the
+// flow's budget or the server's.
 func (q *quicServer) queue(f *quicFlow, d []byte) bool {
 	max := q.s.state.Load().cfg.Limits.MaxHelloBytes
-	if len(f.queued) >= quicMaxDatagrams || f.qBytes+len(d) > 2*max+8192 {
+	if len(f.queued) >= quicMaxDatagrams || f.qBytes+len(d) > max+16384 {
+		q.s.qm.errors.WithLabelValues("too_large").Inc()
+		return false
+	}
+	if q.queued+len(d) > quicPeekBudget {
+		q.s.m.limitRejections.WithLabelValues("quic_peek_bytes").Inc()
 		return false
 	}
 	f.queued = append(f.queued, append([]byte(nil), d...))
 	f.qBytes += len(d)
+	q.queued += len(d)
 	return true
+}
+
+// unqueue takes f's buffered datagrams out of the server's budget.
+func (q *quicServer) unqueue(f *quicFlow) [][]byte {
+	d := f.queued
+	q.queued -= f.qBytes
+	f.queued, f.qBytes = nil, 0
+	return d
 }
 
 // dropLocked forgets a peeking flow; its next datagrams start a new one
@@ -319,6 +340,7 @@ func (q *quicServer) dropLocked(key netip.AddrPort, f *quicFlow) {
 	if f.kind == flowPeeking {
 		q.peeking--
 	}
+	q.unqueue(f)
 	delete(q.flows, key)
 }
 
@@ -363,8 +385,7 @@ func (q *quicServer) route(key netip.AddrPort, f *quicFlow, h *ClientHello) {
 	}
 	f.label, f.action = rt.label, action
 	s.qm.active.WithLabelValues(rt.label, action).Inc()
-	queued := f.queued
-	f.queued, f.qBytes = nil, 0
+	queued := q.unqueue(f)
 	switch action {
 	case "passthrough":
 		f.up, f.kind = up, flowPassthrough
@@ -438,6 +459,7 @@ func (q *quicServer) reap() {
 }
 
 func (q *quicServer) endLocked(key netip.AddrPort, f *quicFlow) {
+	q.unqueue(f)
 	delete(q.flows, key)
 	if f.label != "" {
 		q.s.qm.active.WithLabelValues(f.label, f.action).Dec()

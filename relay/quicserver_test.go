@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -154,6 +155,12 @@ func TestQUICListenerGarbage(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	r.quic.mu.Lock()
+	flows, peeking := len(r.quic.flows), r.quic.peeking
+	r.quic.mu.Unlock()
+	if flows != 0 || peeking != 0 {
+		t.Fatalf("garbage left %d flows (%d peeking)", flows, peeking)
+	}
 }
 
 // TestQUICHandOverBind: a relay started while another holds the UDP port
@@ -187,5 +194,40 @@ func TestQUICHandOverBind(t *testing.T) {
 	}
 	if got := nu.QUICAddr().String(); got != want {
 		t.Fatalf("bound %s, want %s", got, want)
+	}
+}
+
+// TestQUICPeekBudget: flows being peeked buffer at most quicPeekBudget
+// bytes in all; past it new datagrams are refused and counted.
+func TestQUICPeekBudget(t *testing.T) {
+	cfg := baseConfig()
+	cfg.Limits.MaxHandshakes, cfg.Limits.MaxConnections = 100000, 100000
+	cfg.Limits.HelloTimeout = config.Duration(time.Hour) // no peek times out while the test fills them (slow under -race)
+	r := startRelay(t, cfg)
+	msg := helloMessage(t, "budget.test")
+	pkt := sealInitial(quicV1, []byte{1, 2, 3, 4, 5, 6, 7, 8}, 0, 1, cryptoFrame(0, msg[:len(msg)/2]))
+	now := time.Now()
+	n := quicPeekBudget/len(pkt) + 100
+	for i := range n {
+		r.quic.datagram(pkt, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 1, byte(i >> 8), byte(i)}), 1000), now)
+	}
+	r.quic.mu.Lock()
+	queued, flows := r.quic.queued, len(r.quic.flows)
+	r.quic.mu.Unlock()
+	if queued > quicPeekBudget || queued < quicPeekBudget-len(pkt) {
+		t.Fatalf("%d bytes queued by %d flows, budget %d", queued, flows, quicPeekBudget)
+	}
+	if v := metricValue(r.metricsText(t), `relay_limit_rejections_total{limit="quic_peek_bytes"}`); v < 100 {
+		t.Fatalf("quic_peek_bytes rejections: %v", v)
+	}
+	// Dropped flows give their bytes back.
+	r.quic.mu.Lock()
+	for k, f := range r.quic.flows {
+		r.quic.dropLocked(k, f)
+	}
+	queued = r.quic.queued
+	r.quic.mu.Unlock()
+	if queued != 0 {
+		t.Fatalf("%d bytes still counted after every flow was dropped", queued)
 	}
 }

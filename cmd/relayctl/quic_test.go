@@ -162,6 +162,9 @@ routes:
 			t.Errorf("metrics lack %s\n%s", want, grepLines(metrics, "relay_quic"))
 		}
 	}
+	if st := n.run(t, "gw", relayctlBin, "stats", "-c", cfg); !strings.Contains(st, "QUIC ROUTE") || !strings.Contains(st, "q.test") {
+		t.Errorf("relayctl stats lacks the QUIC flows:\n%s", st)
+	}
 
 	n.run(t, "gw", relayctlBin, "rules", "delete", "-c", cfg)
 	if a, b := withoutEmptyNat(n.save(t, "iptables-save")), withoutEmptyNat(before4); a != b {

@@ -172,6 +172,7 @@ func printRelayStats(w io.Writer, fams map[string][]metrics.Series) {
 	if len(hello) > 0 {
 		fmt.Fprintf(w, "clienthello errors: %s\n", strings.Join(hello, " "))
 	}
+	printQUICStats(w, fams)
 	for _, m := range fams["relay_bpf_attached"] {
 		fmt.Fprintf(w, "bpf attached: %v\n", m.Value == 1)
 	}
@@ -188,4 +189,61 @@ func humanBytes(b float64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", b/div, "KMGTPE"[exp])
+}
+
+// printQUICStats prints the QUIC flows (UDP), when there were any.
+func printQUICStats(w io.Writer, fams map[string][]metrics.Series) {
+	type row struct{ conns, active float64 }
+	rows := map[[2]string]*row{}
+	get := func(m metrics.Series) *row {
+		k := [2]string{m.Label("route"), m.Label("action")}
+		if rows[k] == nil {
+			rows[k] = &row{}
+		}
+		return rows[k]
+	}
+	for _, m := range fams["relay_quic_connections_total"] {
+		get(m).conns = m.Value
+	}
+	for _, m := range fams["relay_quic_active_flows"] {
+		get(m).active = m.Value
+	}
+	bytes := map[string][2]float64{}
+	for _, m := range fams["relay_quic_bytes_total"] {
+		b := bytes[m.Label("route")]
+		if m.Label("direction") == "upstream" {
+			b[0] = m.Value
+		} else {
+			b[1] = m.Value
+		}
+		bytes[m.Label("route")] = b
+	}
+	if len(rows) > 0 {
+		keys := make([][2]string, 0, len(rows))
+		for k := range rows {
+			keys = append(keys, k)
+		}
+		sort.Slice(keys, func(i, j int) bool { return keys[i][0]+"\x00"+keys[i][1] < keys[j][0]+"\x00"+keys[j][1] })
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "QUIC ROUTE\tACTION\tFLOWS\tACTIVE\tBYTES UP\tBYTES DOWN")
+		for _, k := range keys {
+			r := rows[k]
+			up, down := "-", "-"
+			if k[1] == "passthrough" {
+				up, down = humanBytes(bytes[k[0]][0]), humanBytes(bytes[k[0]][1])
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.0f\t%s\t%s\n", k[0], k[1], r.conns, r.active, up, down)
+		}
+		tw.Flush()
+	}
+	var errs []string
+	for _, m := range fams["relay_quic_initial_errors_total"] {
+		if m.Value > 0 {
+			errs = append(errs, fmt.Sprintf("%s=%.0f", m.Label("reason"), m.Value))
+		}
+	}
+	sort.Strings(errs)
+	if len(errs) > 0 {
+		fmt.Fprintf(w, "quic initial errors: %s\n", strings.Join(errs, " "))
+	}
 }

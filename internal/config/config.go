@@ -214,9 +214,19 @@ func (r *Route) QUICEnabled() bool {
 	return len(r.Passthrough) > 0
 }
 
-// H3Enabled reports whether a terminate route serves HTTP/3 too.
+// H3Enabled reports whether a terminate route serves HTTP/3 too (`h3` on
+// the route or inside `terminate`).
 func (r *Route) H3Enabled() bool {
-	return r.Action() == "terminate" && (r.H3 == nil || *r.H3)
+	if r.Action() != "terminate" {
+		return false
+	}
+	switch {
+	case r.H3 != nil:
+		return *r.H3
+	case r.Terminate.H3 != nil:
+		return *r.Terminate.H3
+	}
+	return true
 }
 
 // Terminate: the relay ends TLS and proxies to Upstream.
@@ -229,6 +239,8 @@ type Terminate struct {
 	UpstreamCA string `yaml:"upstream_ca"`
 	// UpstreamInsecure skips verification of an https:// upstream.
 	UpstreamInsecure bool `yaml:"upstream_insecure"`
+	// H3 is the route's `h3` written inside terminate; nil = the route's.
+	H3 *bool `yaml:"h3"`
 
 	ClientAuth  *ClientAuth  `yaml:"client_auth"`  // mTLS; nil = no client certificates asked
 	BasicAuth   *BasicAuth   `yaml:"basic_auth"`   // nil = no HTTP basic auth

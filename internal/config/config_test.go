@@ -125,7 +125,31 @@ func TestQUICDefaults(t *testing.T) {
 			t.Errorf("%+v: QUICEnabled %v", c.r, got)
 		}
 	}
+	if (&Route{Terminate: &Terminate{H3: &no}}).H3Enabled() || !(&Route{Terminate: &Terminate{H3: &no}, H3: &yes}).H3Enabled() {
+		t.Error("h3 inside terminate")
+	}
 	if !(&Route{Terminate: &Terminate{}}).H3Enabled() || (&Route{Terminate: &Terminate{}, H3: &no}).H3Enabled() || (&Route{Passthrough: Upstreams{"a:443"}}).H3Enabled() {
 		t.Error("H3Enabled defaults")
+	}
+}
+
+func TestParseQUICKeys(t *testing.T) {
+	c, err := Parse("f.yaml", []byte(`routes:
+  - match: a.example.com
+    passthrough: 10.0.0.1:8443
+    quic: true
+  - match: b.example.com
+    terminate: {upstream: "http://10.0.0.1:80", tls: internal}
+    h3: false
+  - match: c.example.com
+    terminate: {upstream: "http://10.0.0.1:80", tls: internal, h3: false}
+  - match: d.example.com
+    terminate: {upstream: "http://10.0.0.1:80", tls: internal}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Routes[0].QUICEnabled() || c.Routes[1].H3Enabled() || c.Routes[2].H3Enabled() || !c.Routes[3].H3Enabled() {
+		t.Fatalf("quic %v, h3 %v %v %v", c.Routes[0].QUICEnabled(), c.Routes[1].H3Enabled(), c.Routes[2].H3Enabled(), c.Routes[3].H3Enabled())
 	}
 }

@@ -149,7 +149,7 @@ var listKeys = keySpec{"[]": nil}
 var routeKeys = keySpec{
 	"match": {"sni": nil, "alpn": listKeys, "protocol": nil, "silence": nil}, "passthrough": nil, "proxy_protocol": nil, "reject": nil, "allow": listKeys, "deny": listKeys,
 	"quic": nil, "h3": nil,
-	"terminate": {"upstream": nil, "tls": {"cert": nil, "key": nil}, "upstream_ca": nil, "upstream_insecure": nil, "hsts": nil,
+	"terminate": {"upstream": nil, "tls": {"cert": nil, "key": nil}, "upstream_ca": nil, "upstream_insecure": nil, "hsts": nil, "h3": nil,
 		"client_auth": {"ca": nil, "required": nil}, "basic_auth": {"users_file": nil},
 		"forward_auth": {"url": nil, "copy_headers": nil}},
 }
