@@ -75,10 +75,14 @@ SEC("sk_skb/stream_verdict")
 int splice_verdict(struct __sk_buff *skb)
 {
 	__u32 len = skb->len;
-	// The FIN arrives as an empty skb: it must reach this socket, or the
-	// relay never learns of the half-close.
+	// The FIN arrives as an empty skb. Dropped, not passed: the
+	// half-close is the socket's own state (tcp_fin set it, the relay
+	// sees POLLRDHUP), while a passed empty skb that queues behind passed
+	// bytes the psock is still retrying makes its backlog worker take the
+	// zero bytes it moved for a hard error: it sets EPIPE on the socket
+	// and stops its transmit, dropping whatever is redirected to it.
 	if (len == 0)
-		return SK_PASS;
+		return SK_DROP;
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct splice_cfg *cfg = bpf_map_lookup_elem(&splice_cfg, &cookie);
 	struct splice_stat *st = bpf_map_lookup_elem(&splice_stat, &cookie);

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -314,6 +315,23 @@ func TestSpliceStressPairs(t *testing.T) {
 	}
 	pairs, rounds, size := env("SPLICE_STRESS_PAIRS", 6), env("SPLICE_STRESS_ROUNDS", 2), int64(env("SPLICE_STRESS_MIB", 8))<<20
 	s := newTestSplicer(t)
+	// Why each pair ended (by its client-side cookie), shown for a pair
+	// that ended wrong: finish maps resets and EPIPE to a nil error.
+	var whyMu sync.Mutex
+	why := map[uint64]string{}
+	finishHook = func(p *pair, err error) {
+		var b strings.Builder
+		for i, d := range []*dir{p.up, p.down} {
+			var st spliceSpliceStat
+			s.stat.Lookup(d.src.cookie, &st)
+			q, _ := d.dst.queued()
+			fmt.Fprintf(&b, "\n  dir %d: stat %+v; src inq %d; dst queued %d; copied %d ended %v", i, st, d.src.inq(), q, d.copied.Load(), d.ended.Load())
+		}
+		whyMu.Lock()
+		why[p.a.cookie] = fmt.Sprintf("finish(%v)%s\n%s", err, b.String(), debug.Stack())
+		whyMu.Unlock()
+	}
+	t.Cleanup(func() { finishHook = nil })
 	for r := 0; r < rounds; r++ {
 		seed := uint64(time.Now().UnixNano())
 		var wg sync.WaitGroup
@@ -345,7 +363,10 @@ func TestSpliceStressPairs(t *testing.T) {
 				select {
 				case res := <-p.done:
 					if res.err != nil || res.up != size || res.down != size {
-						errs <- fmt.Errorf("pair %d: Splice = %d, %d, %v", i, res.up, res.down, res.err)
+						whyMu.Lock()
+						w := why[p.cookie]
+						whyMu.Unlock()
+						errs <- fmt.Errorf("pair %d: Splice = %d, %d, %v: %s", i, res.up, res.down, res.err, w)
 					}
 				case <-time.After(2 * time.Minute):
 					errs <- fmt.Errorf("pair %d did not finish", i)
