@@ -7,7 +7,7 @@ BUILD    := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 PKGS     := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench cross clean
+.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench cross clean fuzz
 
 all: build
 
@@ -47,6 +47,14 @@ demo: build
 
 bench: build
 	./scripts/bench.sh $(if $(QUICK),--quick,)
+
+# Each hand-written parser's fuzz target for FUZZTIME (CI: 60s each):
+# ClientHello, PROXY header, the h2 server's frame sequence, the HTTP/1
+# proxy loop's request reader.
+FUZZTIME ?= 60s
+fuzz:
+	for f in FuzzClientHello FuzzParseProxyHeader FuzzH2Frames FuzzH1Request; do \
+		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./relay || exit 1; done
 
 # Compile check for the CPUs home routers use.
 cross:
