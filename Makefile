@@ -7,7 +7,7 @@ BUILD    := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 PKGS     := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench soak cross dist clean
+.PHONY: all build test test-race test-short lint vet fmt generate generate-check demo bench soak cross dist clean fuzz
 
 all: build
 
@@ -58,6 +58,14 @@ soak: build
 	@if [ "$$(id -u)" = 0 ] && ! command -v haproxy >/dev/null && command -v apt-get >/dev/null; then \
 		apt-get install -y -qq --no-install-recommends haproxy >/dev/null 2>&1 || echo "soak: cannot install haproxy: relay only" >&2; fi
 	$(GO) run ./scripts/loadgen soak -relay bin/relayctl -configs scripts/bench -n $(SOAK_N) -m $(SOAK_M)
+
+# Each hand-written parser's fuzz target for FUZZTIME (CI: 60s each):
+# ClientHello, PROXY header, the h2 server's frame sequence, the HTTP/1
+# proxy loop's request reader, the QUIC Initial.
+FUZZTIME ?= 60s
+fuzz:
+	for f in FuzzClientHello FuzzParseProxyHeader FuzzH2Frames FuzzH1Request FuzzQUICInitial; do \
+		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 10s ./relay || exit 1; done
 
 # Compile check for the CPUs home routers use.
 cross:

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/tls"
 	"crypto/x509"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -31,6 +33,10 @@ func TestH2FloodClient(t *testing.T) {
 	addr := os.Getenv("RELAY_FLOOD_ADDR")
 	if addr == "" {
 		t.Skip("the child process of BenchmarkH2FloodCPU")
+	}
+	if os.Getenv("RELAY_FLOOD_PATTERN") == "normal" {
+		normalClient(t, addr)
+		return
 	}
 	pattern := h2Floods[os.Getenv("RELAY_FLOOD_PATTERN")]
 	secs, _ := strconv.Atoi(os.Getenv("RELAY_FLOOD_SECONDS"))
@@ -57,6 +63,40 @@ func TestH2FloodClient(t *testing.T) {
 	fmt.Printf("rounds %d\n", i)
 }
 
+// normalClient does GETs one after another on one h2 connection for a
+// second and prints their latency's p50 and p99 in microseconds.
+func normalClient(t *testing.T, addr string) {
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{ServerName: "h1.test", InsecureSkipVerify: true},
+		ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+		},
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	get := func() error {
+		resp, err := client.Get("https://h1.test/bytes?n=100")
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, resp.Body)
+		return resp.Body.Close()
+	}
+	get() // the handshake, not timed
+	var lat []time.Duration
+	for end := time.Now().Add(time.Second); time.Now().Before(end); {
+		t0 := time.Now()
+		if err := get(); err != nil {
+			fmt.Printf("error %v\n", err)
+			return
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	fmt.Printf("latency %d %d %d\n", lat[len(lat)/2].Microseconds(), lat[len(lat)*99/100].Microseconds(), len(lat))
+}
+
 // cpuSeconds of a process (from /proc/PID/stat: utime + stime).
 func cpuSeconds(pid int) float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
@@ -77,15 +117,27 @@ func BenchmarkH2FloodCPU(b *testing.B) {
 	up := bulkUpstream(b)
 	r, _ := h1Relay(b, up)
 	self, _ := os.Executable()
-	run := func(addr, pattern string, secs int) string {
+	child := func(addr, pattern string, secs int) string {
 		cmd := exec.Command(self, "-test.run=^TestH2FloodClient$", "-test.count=1")
 		cmd.Env = append(os.Environ(), "RELAY_FLOOD_ADDR="+addr, "RELAY_FLOOD_PATTERN="+pattern, "RELAY_FLOOD_SECONDS="+strconv.Itoa(secs))
 		out, _ := cmd.CombinedOutput()
-		if i := strings.Index(string(out), "rounds "); i >= 0 {
-			return strings.Fields(string(out[i:]))[1]
+		return string(out)
+	}
+	run := func(addr, pattern string, secs int) string {
+		out := child(addr, pattern, secs)
+		if i := strings.Index(out, "rounds "); i >= 0 {
+			return strings.Fields(out[i:])[1]
 		}
 		return "?"
 	}
+	latency := func(out string) string {
+		if i := strings.Index(out, "latency "); i >= 0 {
+			f := strings.Fields(out[i:])
+			return fmt.Sprintf("p50 %s us, p99 %s us (%s GETs)", f[1], f[2], f[3])
+		}
+		return "?"
+	}
+	fmt.Printf("normal client alone: %s\n", latency(child(r.HTTPSAddr().String(), "normal", 1)))
 	haproxy := startHAProxy(b, r, up)
 	names := make([]string, 0, len(h2Floods))
 	for name := range h2Floods {
@@ -95,6 +147,9 @@ func BenchmarkH2FloodCPU(b *testing.B) {
 	for _, name := range names {
 		b.Run(strings.ReplaceAll(name, " ", "_"), func(b *testing.B) {
 			var ru0, ru1 syscall.Rusage
+			normal := make(chan string, 1)
+			go func() { normal <- child(r.HTTPSAddr().String(), "normal", 1) }()
+			time.Sleep(50 * time.Millisecond) // started, handshaken
 			syscall.Getrusage(syscall.RUSAGE_SELF, &ru0)
 			start := time.Now()
 			rounds := run(r.HTTPSAddr().String(), name, 10)
@@ -102,7 +157,7 @@ func BenchmarkH2FloodCPU(b *testing.B) {
 			syscall.Getrusage(syscall.RUSAGE_SELF, &ru1)
 			relayCPU := tv(ru1.Utime) + tv(ru1.Stime) - tv(ru0.Utime) - tv(ru0.Stime)
 			b.ReportMetric(relayCPU, "relay-cpu-s")
-			msg := fmt.Sprintf("%-24s relay: %.3f CPU-s, %s rounds, connection ended after %v", name, relayCPU, rounds, took.Round(time.Millisecond))
+			msg := fmt.Sprintf("%-24s relay: %.3f CPU-s, %s rounds, connection ended after %v; normal client meanwhile: %s", name, relayCPU, rounds, took.Round(time.Millisecond), latency(<-normal))
 			if haproxy > 0 {
 				c0 := cpuSeconds(haproxy)
 				hr := run(haproxyAddr, name, 5)
