@@ -50,7 +50,7 @@ func TestH2Spec(t *testing.T) {
 	r := startRelay(t, cfg)
 	port := strconv.Itoa(r.HTTPSAddr().(*net.TCPAddr).Port)
 	for _, strict := range []bool{false, true} {
-		args := []string{"-t", "-k", "-h", "localhost", "-p", port, "-o", "3"}
+		args := []string{"-t", "-k", "-h", "localhost", "-p", port, "-o", "5"}
 		name := "default"
 		if strict {
 			args, name = append(args, "-S"), "strict"
