@@ -184,22 +184,20 @@ func (st *state) protocolRoute(proto string) *route {
 
 // servePlain handles a connection whose first bytes are not TLS: a
 // protocol route passes it through; plain HTTP for a routed name gets a
-// redirect; anything else is counted as not_tls and closed.
+// redirect; anything else is counted as not_tls and closed. It holds no
+// max_handshakes slot: those are taken after a TLS ClientHello only.
 func (s *Server) servePlain(tc *net.TCPConn, st *state, proto string, got []byte, start, deadline time.Time) (detached bool) {
 	rt := st.protocolRoute(proto)
 	if rt == nil {
 		ent := s.connEntry(tc, start, nil, nil)
 		if proto == protoHTTP && s.redirectPlainHTTP(tc, got, st, deadline, ent) {
-			s.releaseHandshake()
 			return false
 		}
-		s.releaseHandshake()
 		s.m.helloErrors.WithLabelValues("not_tls").Inc()
 		s.log.Debug("clienthello", "client", s.peer(tc), "reason", "not_tls", "protocol", proto)
 		s.logEntry(ent, resultError, "not_tls")
 		return false
 	}
-	s.releaseHandshake()
 	if !s.routed(tc) {
 		return false
 	}
