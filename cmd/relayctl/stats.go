@@ -71,7 +71,18 @@ func metricsURL(addr, path string) (string, error) {
 }
 
 func fetchStatus(addr string) ([]byte, error) {
-	u, err := metricsURL(addr, "/status")
+	body, err := getMetricsPath(addr, "/status")
+	if err != nil {
+		return nil, err
+	}
+	defer body.Close()
+	return io.ReadAll(body)
+}
+
+// getMetricsPath GETs path from the metrics listener; the caller closes
+// the body.
+func getMetricsPath(addr, path string) (io.ReadCloser, error) {
+	u, err := metricsURL(addr, path)
 	if err != nil {
 		return nil, err
 	}
@@ -80,28 +91,20 @@ func fetchStatus(addr string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET /status: %s", resp.Status)
+		resp.Body.Close()
+		return nil, fmt.Errorf("GET %s: %s", path, resp.Status)
 	}
-	return io.ReadAll(resp.Body)
+	return resp.Body, nil
 }
 
 func scrape(addr string) (map[string][]metrics.Series, error) {
-	u, err := metricsURL(addr, "/metrics")
+	body, err := getMetricsPath(addr, "/metrics")
 	if err != nil {
 		return nil, err
 	}
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get(u)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
-	}
-	fams, err := metrics.Parse(resp.Body)
+	defer body.Close()
+	fams, err := metrics.Parse(body)
 	if err != nil {
 		return nil, err
 	}
