@@ -588,6 +588,11 @@ func (h *h1Conn) serve() bool {
 		h.hc.feed(b)
 	}
 	req, err := http.ReadRequest(h.br)
+	if err != nil && (strings.HasPrefix(err.Error(), "unsupported transfer encoding") || strings.HasPrefix(err.Error(), "too many transfer encodings")) {
+		// Not net/http's 501: a coding other than a lone "chunked" is how
+		// a front and a back end are made to frame a body differently.
+		err = smuggleError("Transfer-Encoding other than a lone chunked (" + err.Error() + ")")
+	}
 	h.limit = -1
 	h.hc.on = false
 	h.tc.SetReadDeadline(time.Time{})
@@ -619,8 +624,6 @@ func (h *h1Conn) serve() bool {
 			h.reply(http.StatusRequestHeaderFieldsTooLarge, "request header too large", false)
 		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &ne):
 			// The client left or stalled mid-request: nobody to answer.
-		case strings.HasPrefix(err.Error(), "unsupported transfer encoding"): // as net/http's server
-			h.reply(http.StatusNotImplemented, err.Error(), false)
 		default:
 			h.reply(http.StatusBadRequest, err.Error(), false)
 		}
