@@ -268,13 +268,14 @@ type h1Conn struct {
 	tc *tls.Conn
 	cc *termConn
 
-	w       deadlineWriter // tc, each write bounded by limits.idle_timeout
-	br      *bufio.Reader  // held while a request is read; pooled while idle
-	first   [1]byte        // the byte that ended the idle wait
-	pending bool           // first not yet handed to br
-	limit   int64          // bytes left for a request head; < 0: no limit
-	hc      headCheck      // the request head's bytes, as they are read
-	body    clientBody
+	sni, alpn string         // of the handshake: a Host of another route is misdirected
+	w         deadlineWriter // tc, each write bounded by limits.idle_timeout
+	br        *bufio.Reader  // held while a request is read; pooled while idle
+	first     [1]byte        // the byte that ended the idle wait
+	pending   bool           // first not yet handed to br
+	limit     int64          // bytes left for a request head; < 0: no limit
+	hc        headCheck      // the request head's bytes, as they are read
+	body      clientBody
 
 	http11   bool   // the request being served is HTTP/1.1
 	clientIP string // for X-Forwarded-For
@@ -416,6 +417,8 @@ func (h *h1Conn) kill() {
 func (s *Server) serveH1(tc *tls.Conn, cc *termConn, rt *route) {
 	h := &h1Conn{s: s, p: rt.term.proxy, tc: tc, cc: cc, limit: -1}
 	h.w = deadlineWriter{tc, s.state0Limits().IdleTimeout.D()}
+	cs := tc.ConnectionState()
+	h.sni, h.alpn = cs.ServerName, cs.NegotiatedProtocol
 	h.clientIP, _, _ = net.SplitHostPort(cc.RemoteAddr().String())
 	if !s.term().addH1(h) {
 		tc.Close()
@@ -588,6 +591,11 @@ func (h *h1Conn) serve() bool {
 		h.hc.feed(b)
 	}
 	req, err := http.ReadRequest(h.br)
+	if err != nil && (strings.HasPrefix(err.Error(), "unsupported transfer encoding") || strings.HasPrefix(err.Error(), "too many transfer encodings")) {
+		// Not net/http's 501: a coding other than a lone "chunked" is how
+		// a front and a back end are made to frame a body differently.
+		err = smuggleError("Transfer-Encoding other than a lone chunked (" + err.Error() + ")")
+	}
 	h.limit = -1
 	h.hc.on = false
 	h.tc.SetReadDeadline(time.Time{})
@@ -619,8 +627,6 @@ func (h *h1Conn) serve() bool {
 			h.reply(http.StatusRequestHeaderFieldsTooLarge, "request header too large", false)
 		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &ne):
 			// The client left or stalled mid-request: nobody to answer.
-		case strings.HasPrefix(err.Error(), "unsupported transfer encoding"): // as net/http's server
-			h.reply(http.StatusNotImplemented, err.Error(), false)
 		default:
 			h.reply(http.StatusBadRequest, err.Error(), false)
 		}
@@ -638,6 +644,10 @@ func (h *h1Conn) serve() bool {
 		return false
 	case req.Method == http.MethodConnect:
 		h.reply(http.StatusMethodNotAllowed, "CONNECT is not proxied", false)
+		return false
+	case h.s.misdirected(h.cc.route, h.sni, req.Host, h.alpn):
+		h.s.m.badRequests.WithLabelValues(h.p.label, "host_mismatch").Inc()
+		h.reply(http.StatusMisdirectedRequest, "Host names another route than the TLS server name: open a connection for it", false)
 		return false
 	}
 	h.http11 = req.ProtoAtLeast(1, 1)

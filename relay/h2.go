@@ -482,6 +482,10 @@ func (c *h2Conn) request(f *http2.MetaHeadersFrame, st *h2StreamState) (*http.Re
 		authority = h.Get("Host")
 	}
 	delete(h, "Host")
+	if c.s.misdirected(c.cc.route, c.tlsSt.ServerName, authority, "h2") {
+		c.s.m.badRequests.WithLabelValues(c.label, "host_mismatch").Inc()
+		return nil, http.StatusMisdirectedRequest, nil
+	}
 	u, err := url.ParseRequestURI(path)
 	if err != nil {
 		return nil, 0, err

@@ -75,6 +75,25 @@ var h2Floods = map[string]func(w *h2Flooder, i int) error{
 		}
 		return w.fr.WriteContinuation(1, false, nil)
 	},
+	"header blocks over the limit": func(w *h2Flooder, i int) error {
+		// ~1.2 MB decoded (over h2MaxHeaderList) from ~600 bytes sent: one
+		// 4 KB field, in the HPACK table after the first block, repeated
+		// by index; split over HEADERS and CONTINUATION.
+		w.hbuf.Reset()
+		for _, f := range [][2]string{{":method", "GET"}, {":scheme", "https"}, {":authority", "h1.test"}, {":path", "/"}} {
+			w.enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+		}
+		big := hpack.HeaderField{Name: "x-big", Value: strings.Repeat("b", 4000)}
+		for range 300 {
+			w.enc.WriteField(big)
+		}
+		b := w.hbuf.Bytes()
+		id := uint32(2*i + 1)
+		if err := w.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b[:len(b)/2], EndStream: true}); err != nil {
+			return err
+		}
+		return w.fr.WriteContinuation(id, true, b[len(b)/2:])
+	},
 	"data on closed streams": func(w *h2Flooder, i int) error {
 		if i == 0 {
 			w.headers(1, false, ":method", "POST", ":path", "/sha", "content-length", "1")
@@ -140,7 +159,7 @@ func TestH2GlitchFloodsAreCut(t *testing.T) {
 	if v := metricValue(m, `relay_limit_rejections_total{limit="h2_glitches"}`); v != float64(len(h2Floods)) {
 		t.Errorf(`relay_limit_rejections_total{limit="h2_glitches"} = %v, want %d`, v, len(h2Floods))
 	}
-	for _, kind := range []string{"reset", "empty_frame", "ping", "settings", "window_update_zero", "closed_stream"} {
+	for _, kind := range []string{"reset", "empty_frame", "ping", "settings", "window_update_zero", "closed_stream", "header_too_large"} {
 		if v := metricValue(m, `relay_h2_glitches_total{kind="`+kind+`",route="h1.test"}`); v < h2GlitchBudget/2 {
 			t.Errorf("relay_h2_glitches_total kind %s = %v", kind, v)
 		}

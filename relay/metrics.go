@@ -65,7 +65,7 @@ func newMetrics(reg *metrics.Registry, sp Splicer) (*relayMetrics, error) {
 		"HTTP/2 protocol glitches by route and kind (reset, empty_frame, continuation, ping, settings, window_update_zero, header_too_large, closed_stream, stream_error); past a connection's budget it is closed with ENHANCE_YOUR_CALM.",
 		"route", "kind")
 	m.badRequests = metrics.NewCounterVec("relay_http_bad_requests_total",
-		"Requests refused as malformed on terminate routes, by route and reason (smuggling, malformed, too_large, body: HTTP/1; h2: a malformed h2 request, reset with PROTOCOL_ERROR).",
+		"Requests refused as malformed on terminate routes, by route and reason (smuggling, malformed, too_large, body: HTTP/1; h2: a malformed h2 request, reset with PROTOCOL_ERROR; host_mismatch: a Host or :authority of another route than the SNI, answered 421).",
 		"route", "reason")
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)

@@ -552,3 +552,27 @@ func (l *chanListener) Accept() (net.Conn, error) {
 
 func (l *chanListener) Close() error   { return nil }
 func (l *chanListener) Addr() net.Addr { return l.addr }
+
+// misdirected reports a request whose Host (or :authority) names another
+// route than the one the connection's TLS server name chose: it is
+// answered 421 (RFC 9110 15.5.20), never proxied under the wrong route's
+// rules and certificate. Other names of the same route (a wildcard's, h2
+// connection coalescing) are not misdirected, nor is a connection without
+// SNI (unknown_sni: route) asking for that route's name.
+func (s *Server) misdirected(rt *route, sni, host, alpn string) bool {
+	name := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		name = h
+	}
+	name = normalizeName(strings.Trim(name, "[]"))
+	if name == "" || name == normalizeName(sni) {
+		return false
+	}
+	var protos []string
+	if alpn != "" {
+		protos = []string{alpn}
+	}
+	r := s.state.Load().resolve(name, protos, false)
+	// Labels, not pointers: a reload since the handshake made new routes.
+	return r == nil || r.label != rt.label
+}
