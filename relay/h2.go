@@ -45,6 +45,8 @@ const (
 	h2GlitchBudget = 1000
 	h2GlitchLeak   = 100 * time.Millisecond
 	h2CtlPerSecond = 20 // PINGs and SETTINGS a second before they count
+	// A header block over the limit counts as this many glitches.
+	h2HeaderGlitches = 100
 )
 
 var (
@@ -65,7 +67,7 @@ type h2Conn struct {
 	tlsSt   tls.ConnectionState
 
 	// The glitch budget; on the read goroutine only.
-	glitches int
+	glitchN  int
 	glitchAt time.Time // of the last leak
 	ctlN     int       // PINGs and SETTINGS in the second from ctlAt
 	ctlAt    time.Time
@@ -211,15 +213,20 @@ func (c *h2Conn) run() {
 }
 
 // glitch counts one glitch of kind; errH2Calm when the budget is spent.
-func (c *h2Conn) glitch(kind string) error {
+func (c *h2Conn) glitch(kind string) error { return c.glitches(kind, 1) }
+
+// glitches counts weight glitches of kind at once: a header block over the
+// limit still had to be decoded whole (HPACK state), ~1 MiB of work, so it
+// weighs h2HeaderGlitches and a flood of them is cut after a few blocks.
+func (c *h2Conn) glitches(kind string, weight int) error {
 	now := time.Now()
 	if n := now.Sub(c.glitchAt) / h2GlitchLeak; n > 0 {
-		c.glitches = max(0, c.glitches-int(n))
+		c.glitchN = max(0, c.glitchN-int(n))
 		c.glitchAt = now
 	}
-	c.glitches++
+	c.glitchN += weight
 	c.s.m.h2Glitches.WithLabelValues(c.label, kind).Inc()
-	if c.glitches > h2GlitchBudget {
+	if c.glitchN > h2GlitchBudget {
 		return errH2Calm
 	}
 	return nil
@@ -423,7 +430,7 @@ func (c *h2Conn) headers(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	if f.Truncated {
-		if err := c.glitch("header_too_large"); err != nil {
+		if err := c.glitches("header_too_large", h2HeaderGlitches); err != nil {
 			c.mu.Unlock()
 			return err
 		}
